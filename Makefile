@@ -1,0 +1,39 @@
+# octlightning: set-up, tests, training runs. `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= hparams/vessel_unet.json
+ARGS   ?=
+DRIVE  ?= ../shared/data/drive
+
+# A short CPU-sized run of the vessel recipe: narrow U-Net, 128 px patches, three epochs.
+DEMO_ARGS = --trainer.max_epochs 3 --trainer.check_val_every_n_epoch 1 --overlay_every_n_epochs 1 \
+	--model.init_args.net.init_args.base_channels 16 --data.init_args.patch_size 128 \
+	--data.init_args.patches_per_image 4 --data.init_args.batch_size 8 --experiment demo_vessel_unet
+
+.PHONY: install test lint demo fit
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check octlightning tests benchmarks
+
+demo: install
+	@if [ -d "$(DRIVE)/training" ]; then \
+		echo "demo: training the vessel U-Net on the DRIVE training set in $(DRIVE)"; data="$(DRIVE)"; \
+	else \
+		echo "demo: $(DRIVE) not found, generating a small SYNTHETIC DRIVE-layout set in demo_data/drive"; \
+		$(BIN)/python -m octlightning.data.synthetic drive demo_data/drive; data=demo_data/drive; \
+	fi; \
+	$(BIN)/octlightning fit --config hparams/vessel_unet.json --data.init_args.root "$$data" $(DEMO_ARGS) $(ARGS)
+
+fit: install
+	$(BIN)/octlightning fit --config $(CONFIG) $(ARGS)

@@ -1,0 +1,171 @@
+"""The ``octlightning`` command: LightningCLI with run folders, Comet, checkpoints and fast GPU defaults.
+
+``octlightning fit --config hparams/vessel_unet.json`` trains, validates and checkpoints into
+``runs/<experiment>/<version>/`` (``<experiment>`` defaults to the config file name). The model and
+the data are chosen by ``class_path`` in the config; every key can be overridden on the command line
+(``--model.init_args.lr 5e-5``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import octlightning  # noqa: F401  (applies the offline environment defaults first)
+from octlightning.callbacks import LogOverlays
+from octlightning.loggers import CometLogger, CSVLogger
+
+
+def next_version(experiment_dir: Path) -> str:
+    """``version_<N>`` with N one above the highest existing version folder."""
+    numbers = [
+        int(m.group(1))
+        for p in (experiment_dir.iterdir() if experiment_dir.is_dir() else [])
+        if (m := re.fullmatch(r"version_(\d+)", p.name))
+    ]
+    return f"version_{max(numbers, default=-1) + 1}"
+
+
+def default_precision() -> str:
+    """bf16 mixed precision where the GPU supports it, full precision elsewhere."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+class OctLightningCLI(LightningCLI):
+    """LightningCLI with the octlightning run conventions.
+
+    Added options (top level of the config):
+        experiment: run-folder name under ``trainer.default_root_dir`` (default: the config file stem).
+        version: run-folder version (default: the next ``version_N``). Naming an existing version whose
+            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``.
+        comet: log to Comet (online with ``COMET_API_KEY``, else an offline archive in the run folder).
+        comet_project: Comet project (default: the experiment name).
+        overlay_every_n_epochs: write overlay images of the first validation batch every N epochs.
+        early_stopping_patience: stop when the monitored metric has not improved for N validations.
+
+    ``trainer.precision: null`` means ``bf16-mixed`` on a bf16-capable GPU, else ``32-true``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", LightningModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # Each run has its own version folder; overwrite only matters when a run is resumed in place.
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--experiment", type=str | None, default=None, help="run folder name")
+        parser.add_argument("--version", type=str | None, default=None, help="run folder version")
+        parser.add_argument("--comet", type=bool, default=True, help="log to Comet (offline without API key)")
+        parser.add_argument("--comet_project", type=str | None, default=None, help="Comet project name")
+        parser.add_argument("--overlay_every_n_epochs", type=int, default=5, help="0 disables overlays")
+        parser.add_argument("--early_stopping_patience", type=int | None, default=None)
+
+    # ------------------------------------------------------------------ run folder
+    def _cfg(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def experiment_name(self) -> str:
+        cfg = self._cfg()
+        if cfg.get("experiment"):
+            return cfg["experiment"]
+        configs = cfg.get("config") or []
+        if configs:
+            return Path(str(configs[0])).stem
+        return type(self.model).__name__.lower()
+
+    def _run_location(self) -> tuple[Path, str, str]:
+        root = Path(self._cfg()["trainer"].get("default_root_dir") or "runs")
+        name = self.experiment_name()
+        version = self._cfg().get("version") or next_version(root / name)
+        return root, name, version
+
+    # ------------------------------------------------------------------ trainer
+    def instantiate_trainer(self, **kwargs: Any):
+        cfg = self._cfg()
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        root, name, version = self._run_location()
+        run_dir = root / name / version
+        self.run_dir = run_dir
+
+        if trainer_cfg.get("default_root_dir") is None:
+            kwargs["default_root_dir"] = str(root)
+        if trainer_cfg.get("precision") is None:
+            kwargs["precision"] = default_precision()
+        if trainer_cfg.get("benchmark") is None and torch.cuda.is_available():
+            kwargs["benchmark"] = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
+
+        logger = trainer_cfg.get("logger")
+        if logger is None or logger is True:
+            loggers: list = [CSVLogger(save_dir=str(root), name=name, version=version)]
+            # fast_dev_run replaces loggers anyway; do not start a Comet experiment for it.
+            if cfg.get("comet") and not trainer_cfg.get("fast_dev_run"):
+                loggers.append(
+                    CometLogger(
+                        offline_directory=str(run_dir),
+                        project=cfg.get("comet_project") or name,
+                        name=f"{name}/{version}",
+                    )
+                )
+            kwargs["logger"] = loggers
+
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        monitor = getattr(self.model, "monitor", None)
+        mode = getattr(self.model, "monitor_mode", "min")
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks.append(
+                ModelCheckpoint(
+                    filename="best",
+                    monitor=monitor,
+                    mode=mode,
+                    save_top_k=1,
+                    save_last=True,
+                    auto_insert_metric_name=False,
+                )
+            )
+        if kwargs.get("logger", logger) not in (False, None) and not any(
+            isinstance(c, LearningRateMonitor) for c in callbacks
+        ):
+            callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        if cfg.get("overlay_every_n_epochs", 0) > 0:
+            callbacks.append(LogOverlays(every_n_epochs=cfg["overlay_every_n_epochs"]))
+        if cfg.get("early_stopping_patience") is not None and monitor:
+            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg["early_stopping_patience"]))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Resume automatically when the named run folder already holds ``last.ckpt``."""
+        fit_cfg = self.config_init["fit"]
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        if fit_cfg.get("ckpt_path") is None and self._cfg().get("version") and last.is_file():
+            print(f"octlightning: resuming {self.run_dir} from {last}", file=sys.stderr)
+            fit_cfg["ckpt_path"] = str(last)
+
+
+def run_cli(args: list[str] | None = None) -> OctLightningCLI:
+    """Run one CLI command in this process and return the CLI (trainer, model, datamodule)."""
+    return OctLightningCLI(args=args)
+
+
+def main() -> None:
+    """Console entry point (``octlightning``)."""
+    run_cli()
+
+
+if __name__ == "__main__":
+    main()

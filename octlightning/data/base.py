@@ -1,0 +1,134 @@
+"""What every octlightning DataModule shares: loader settings, evaluation samplers, padding collate."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+
+class DataError(ValueError):
+    """The dataset on disk is not what the DataModule expects; the message names the file(s)."""
+
+
+def default_num_workers() -> int:
+    """One worker per CPU core left after the training process, per local GPU process, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_procs = max(1, torch.cuda.device_count())
+    return max(0, min(8, cpus // local_procs - 1))
+
+
+def split_indices(groups: Sequence[Any], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split items into parts by *group* (subject, volume, patient), reproducibly from ``seed``.
+
+    ``fractions`` gives the share of groups for every part but the first, which takes the rest; each
+    part with a non-zero fraction gets at least one group when there are enough groups. Returns the
+    item indices of each part, sorted.
+    """
+    groups = np.asarray(groups)
+    unique = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(unique)
+    counts = [int(round(f * len(unique))) if f < 1 else int(f) for f in fractions]
+    counts = [
+        max(1, c) if f > 0 and len(unique) > len(fractions) else c for c, f in zip(counts, fractions, strict=True)
+    ]
+    if sum(counts) >= len(unique):
+        raise DataError(f"cannot split {len(unique)} groups into parts of {counts} groups and keep any for training")
+    parts, start = [], len(unique) - sum(counts)
+    parts.append(order[:start])
+    for c in counts:
+        parts.append(order[start : start + c])
+        start += c
+    return [np.sort(np.flatnonzero(np.isin(groups, p))) for p in parts]
+
+
+def pad_to_multiple(tensor: torch.Tensor, height: int, width: int, value: float = 0.0) -> torch.Tensor:
+    """Pad the last two dimensions at the bottom/right to ``height`` x ``width``."""
+    h, w = tensor.shape[-2:]
+    return F.pad(tensor, (0, width - w, 0, height - h), value=value)
+
+
+def make_pad_collate(multiple: int, spatial_keys: Sequence[str], pad_values: dict[str, float] | None = None):
+    """Collate samples of different sizes by padding the spatial tensors to a common size.
+
+    The common size is the largest height/width in the batch rounded up to ``multiple`` (the network's
+    stride). Padded pixels get value 0 (so a validity/field-of-view mask excludes them from losses and
+    metrics); each sample keeps its original ``size`` for cropping predictions back.
+    """
+    pad_values = pad_values or {}
+
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        key0 = spatial_keys[0]
+        h = max(s[key0].shape[-2] for s in samples)
+        w = max(s[key0].shape[-1] for s in samples)
+        h, w = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        padded = []
+        for s in samples:
+            s = dict(s)
+            for k in spatial_keys:
+                if k in s:
+                    s[k] = pad_to_multiple(s[k], h, w, pad_values.get(k, 0.0))
+            padded.append(s)
+        return default_collate(padded)
+
+    return collate
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Loader settings shared by every DataModule.
+
+    Args:
+        root: the dataset folder or file.
+        batch_size: training batch size (evaluation uses ``eval_batch_size`` or the same).
+        num_workers: loader worker processes; ``None`` picks one per free CPU core (at most 8).
+        seed: seed for splits and patch sampling.
+        eval_batch_size: batch size for validation/test/predict (``None``: ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 4,
+        num_workers: int | None = None,
+        seed: int = 42,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size or batch_size
+
+    # Subclasses override to pad variable-size samples; default stacks equal-size samples.
+    def collate_fn(self, train: bool):
+        return None
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning's default DistributedSampler pads the last batch with repeated samples, which
+            # would count them twice in validation/test metrics: give each sample to one rank only.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            drop_last=train and len(dataset) > self.batch_size,
+            collate_fn=self.collate_fn(train),
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )

@@ -1,0 +1,189 @@
+"""Segmentation and regression losses.
+
+Every segmentation loss takes raw logits ``(B, C, H, W)`` (``C == 1`` means binary, sigmoid), an
+integer or {0,1} target ``(B, H, W)`` or ``(B, 1, H, W)``, and an optional ``valid`` mask of the same
+spatial shape: pixels outside it (outside the field of view, padding) contribute nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_EPS = 1e-6
+
+
+def _squeeze_target(target: Tensor) -> Tensor:
+    return target[:, 0] if target.dim() == 4 else target
+
+
+def _valid_or_ones(valid: Tensor | None, like: Tensor) -> Tensor:
+    if valid is None:
+        return torch.ones_like(like, dtype=torch.float32)
+    return _squeeze_target(valid).to(torch.float32)
+
+
+def _probs_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class probabilities and one-hot targets, both ``(B, K, H, W)`` float32."""
+    target = _squeeze_target(target)
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits), target.unsqueeze(1).float()
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(target.long().clamp_min(0), logits.shape[1]).permute(0, 3, 1, 2).float()
+    return probs, onehot
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice loss, averaged over classes (foreground only for multi-class unless told otherwise).
+
+    Sums run over the whole batch, which is stable for patches that hold no foreground.
+    """
+
+    def __init__(self, include_background: bool = False, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.smooth = smooth
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        probs, onehot = _probs_and_onehot(logits, target)
+        w = _valid_or_ones(valid, onehot[:, 0]).unsqueeze(1)
+        if probs.shape[1] > 1 and not self.include_background:
+            probs, onehot = probs[:, 1:], onehot[:, 1:]
+        dims = (0, 2, 3)
+        inter = (probs * onehot * w).sum(dims)
+        denom = ((probs + onehot) * w).sum(dims)
+        dice = (2 * inter + self.smooth) / (denom + self.smooth)
+        return 1 - dice.mean()
+
+
+class IoULoss(nn.Module):
+    """Soft Jaccard loss (1 - soft IoU), masked like :class:`DiceLoss`."""
+
+    def __init__(self, include_background: bool = False, smooth: float = 1.0) -> None:
+        super().__init__()
+        self.include_background = include_background
+        self.smooth = smooth
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        probs, onehot = _probs_and_onehot(logits, target)
+        w = _valid_or_ones(valid, onehot[:, 0]).unsqueeze(1)
+        if probs.shape[1] > 1 and not self.include_background:
+            probs, onehot = probs[:, 1:], onehot[:, 1:]
+        dims = (0, 2, 3)
+        inter = (probs * onehot * w).sum(dims)
+        union = ((probs + onehot - probs * onehot) * w).sum(dims)
+        return 1 - ((inter + self.smooth) / (union + self.smooth)).mean()
+
+
+class GeneralizedDiceLoss(nn.Module):
+    """Generalised Dice (Sudre et al. 2017): classes weighted by 1 / (reference volume)^2."""
+
+    def __init__(self, smooth: float = 1e-5) -> None:
+        super().__init__()
+        self.smooth = smooth
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        probs, onehot = _probs_and_onehot(logits, target)
+        w = _valid_or_ones(valid, onehot[:, 0]).unsqueeze(1)
+        dims = (0, 2, 3)
+        ref = (onehot * w).sum(dims)
+        weights = 1.0 / (ref * ref).clamp_min(1.0)
+        inter = (weights * (probs * onehot * w).sum(dims)).sum()
+        denom = (weights * ((probs + onehot) * w).sum(dims)).sum()
+        return 1 - (2 * inter + self.smooth) / (denom + self.smooth)
+
+
+class CrossEntropyLoss(nn.Module):
+    """BCE-with-logits for one output channel, softmax cross-entropy otherwise.
+
+    ``class_weights="balanced"`` weights each class by the inverse of its pixel frequency in the
+    batch (class-balanced CE, as in the RETOUCH recipe); a list gives fixed weights.
+    """
+
+    def __init__(self, class_weights: str | list[float] | None = None, pos_weight: float | None = None):
+        super().__init__()
+        self.class_weights = class_weights
+        self.pos_weight = pos_weight
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        target = _squeeze_target(target)
+        w = _valid_or_ones(valid, target)
+        logits = logits.float()
+        if logits.shape[1] == 1:
+            pos_weight = None
+            if self.pos_weight is not None:
+                pos_weight = torch.tensor(self.pos_weight, device=logits.device)
+            per_pixel = F.binary_cross_entropy_with_logits(
+                logits[:, 0], target.float(), reduction="none", pos_weight=pos_weight
+            )
+            return (per_pixel * w).sum() / w.sum().clamp_min(1.0)
+        weight = None
+        if self.class_weights == "balanced":
+            counts = torch.bincount(target[w > 0].long().flatten(), minlength=logits.shape[1]).float()
+            present = counts > 0
+            weight = torch.zeros_like(counts)
+            weight[present] = counts.sum() / (present.sum() * counts[present])
+        elif self.class_weights is not None:
+            weight = torch.as_tensor(self.class_weights, dtype=torch.float32, device=logits.device)
+        per_pixel = F.cross_entropy(logits, target.long(), weight=weight, reduction="none")
+        if weight is not None:
+            norm = (weight[target.long()] * w).sum()
+        else:
+            norm = w.sum()
+        return (per_pixel * w).sum() / norm.clamp_min(_EPS)
+
+
+class SumLoss(nn.Module):
+    """Weighted sum of losses that share the (logits, target, valid) signature."""
+
+    def __init__(self, losses: dict[str, nn.Module], weights: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.losses = nn.ModuleDict(losses)
+        self.weights = weights or {}
+
+    def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        return sum(self.weights.get(k, 1.0) * fn(logits, target, valid) for k, fn in self.losses.items())
+
+
+SEGMENTATION_LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "bce": lambda: CrossEntropyLoss(),
+    "ce": lambda: CrossEntropyLoss(),
+    "balanced_ce": lambda: CrossEntropyLoss(class_weights="balanced"),
+    "dice": lambda: DiceLoss(),
+    "iou": lambda: IoULoss(),
+    "dice_bce": lambda: SumLoss({"dice": DiceLoss(), "bce": CrossEntropyLoss()}),
+    "dice_ce": lambda: SumLoss({"dice": DiceLoss(), "ce": CrossEntropyLoss()}),
+    "dice_balanced_ce": lambda: SumLoss({"dice": DiceLoss(), "ce": CrossEntropyLoss(class_weights="balanced")}),
+    "ce_gdice": lambda: SumLoss({"ce": CrossEntropyLoss(), "gdice": GeneralizedDiceLoss()}),
+}
+
+
+def build_segmentation_loss(name: str) -> nn.Module:
+    """Loss by name; the names are the keys of :data:`SEGMENTATION_LOSSES`."""
+    try:
+        return SEGMENTATION_LOSSES[name]()
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(SEGMENTATION_LOSSES)}") from None
+
+
+def masked_regression_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "mse") -> Tensor:
+    """Mean of an element-wise regression loss over the entries where ``valid`` is true.
+
+    Unannotated (NaN) targets must be marked invalid; their values are replaced before the loss so
+    that no NaN reaches the gradient.
+    """
+    valid = valid.bool()
+    target = torch.where(valid, target, pred.detach())
+    if kind == "mse":
+        per = F.mse_loss(pred, target, reduction="none")
+    elif kind == "l1":
+        per = F.l1_loss(pred, target, reduction="none")
+    elif kind == "smooth_l1":
+        per = F.smooth_l1_loss(pred, target, reduction="none")
+    else:
+        raise ValueError(f"unknown regression loss {kind!r}; choose mse, l1 or smooth_l1")
+    return (per * valid).sum() / valid.sum().clamp_min(1)

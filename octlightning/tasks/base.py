@@ -1,0 +1,166 @@
+"""Training machinery every octlightning task shares.
+
+Optimiser and LR schedule from plain config keys (``model.init_args.lr`` sweeps cleanly), the GPU
+fast path (channels_last, fused AdamW, optional ``torch.compile`` with a clean fallback), the run
+folder, and per-sample result tables gathered across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+
+class BaseTask(L.LightningModule):
+    """Base LightningModule: subclasses implement the steps and set :attr:`monitor`/:attr:`monitor_mode`.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: L2 / decoupled weight decay.
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9); fused kernels on CUDA.
+        scheduler: ``none``, ``cosine`` (per step, after ``warmup_epochs`` linear warm-up),
+            ``plateau`` (halve on a stalled monitored metric) or ``step`` (x0.1 every third of training).
+        warmup_epochs: linear warm-up length for ``cosine``.
+        channels_last: NHWC memory format for convolutional networks on GPU (tensor-core friendly).
+        compile: ``torch.compile`` the network; falls back to eager with a warning if compilation fails.
+    """
+
+    monitor: str = "val/loss"
+    monitor_mode: Literal["min", "max"] = "min"
+
+    def __init__(
+        self,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        scheduler: Literal["none", "cosine", "plateau", "step"] = "none",
+        warmup_epochs: int = 0,
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer_name = optimizer
+        self.scheduler_name = scheduler
+        self.warmup_epochs = warmup_epochs
+        self.channels_last = channels_last
+        self.compile = compile
+        self._forward_impl: Callable[[Tensor], Any] | None = None
+        self._result_rows: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------- fast path
+    def networks(self) -> list[nn.Module]:
+        """The networks that channels_last/compile apply to (override for several)."""
+        return [self.net]
+
+    def _use_channels_last(self) -> bool:
+        return self.channels_last and self.device.type == "cuda"
+
+    def setup(self, stage: str) -> None:
+        if self._use_channels_last():
+            for net in self.networks():
+                net.to(memory_format=torch.channels_last)
+        if self.compile and self._forward_impl is None:
+            # Compile the bound forward, not the module: a compiled module would register itself as a
+            # submodule and prefix every state-dict key with `_orig_mod.`.
+            self._forward_impl = torch.compile(self.net.forward)
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._use_channels_last() else x
+
+    def run_net(self, x: Tensor) -> Any:
+        """Forward through the (possibly compiled) network, falling back to eager when compile fails."""
+        x = self.prepare_input(x)
+        if self._forward_impl is not None:
+            try:
+                return self._forward_impl(x)
+            except Exception as err:  # compilation errors surface at the first call
+                warnings.warn(
+                    f"torch.compile failed for {type(self.net).__name__}, running eagerly instead: "
+                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                    stacklevel=2,
+                )
+                self._forward_impl = None
+                self.compile_failed = True
+        return self.net(x)
+
+    # ----------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict[str, Any]] | Any:
+        """Parameters to optimise (override for layer-wise learning rates)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, **fused)
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer {self.optimizer_name!r}; choose adam, adamw or sgd")
+
+    def configure_optimizers(self):
+        opt = self.build_optimizer(self.parameter_groups())
+        if self.scheduler_name == "none":
+            return opt
+        if self.scheduler_name == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=0.5, patience=5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.scheduler_name == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, total // 3), gamma=0.1)
+        elif self.scheduler_name == "cosine":
+            epochs = max(1, self.trainer.max_epochs or 1)
+            warmup = min(total - 1, total * self.warmup_epochs // epochs)
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / (warmup + 1)
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        else:
+            raise ValueError(f"unknown scheduler {self.scheduler_name!r}; choose none, cosine, plateau or step")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------- run folder
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (``runs/<experiment>/<version>/``), where tables and images go."""
+        log_dir = self.trainer.log_dir if self.trainer is not None else None
+        return Path(log_dir or self.trainer.default_root_dir)
+
+    def add_result_row(self, row: dict[str, Any]) -> None:
+        """Collect one per-sample result (test metrics, predictions) for :meth:`write_result_rows`."""
+        self._result_rows.append(row)
+
+    def write_result_rows(self, filename: str, key: str = "id") -> Path | None:
+        """Gather rows from every rank, drop duplicates by ``key``, write a CSV in the run folder (rank 0)."""
+        rows = self._result_rows
+        self._result_rows = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[dict]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if not self.trainer.is_global_zero or not rows:
+            return None
+        unique = {r[key]: r for r in rows}
+        rows = [unique[k] for k in sorted(unique)]
+        fields = list(dict.fromkeys(f for r in rows for f in r))
+        path = self.run_dir / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        return path

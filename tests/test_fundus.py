@@ -1,0 +1,133 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from octlightning.data.base import DataError
+from octlightning.data.fundus import FundusVesselDataModule
+from tests.conftest import shared
+
+
+def _dm(root, **kw):
+    return FundusVesselDataModule(str(root), batch_size=2, num_workers=0, **kw)
+
+
+def test_drive_layout_loads_with_seeded_split_and_fov(drive_root):
+    dm = _dm(drive_root, val_fraction=0.34)
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == 9
+    assert len(dm.val_set) == 3
+    dm2 = _dm(drive_root, val_fraction=0.34)
+    dm2.setup("fit")
+    assert [r.id for r in dm2.val_set.records] == [r.id for r in dm.val_set.records]
+    batch = next(iter(dm.val_dataloader()))
+    # 64 x 72 images are padded to the next multiple of 32 with fov = 0 in the padding.
+    assert batch["image"].shape == (2, 3, 64, 96)
+    assert batch["mask"].shape == batch["fov"].shape == (2, 1, 64, 96)
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert batch["fov"][..., 72:].sum() == 0
+    assert batch["size"].tolist() == [[64, 72], [64, 72]]
+    dm.setup("test")
+    assert [r.id for r in dm.test_set.records] == ["01", "02"]
+
+
+def test_patch_training_draws_patches_per_image_and_keeps_fov_with_the_image(drive_root):
+    dm = _dm(drive_root, patch_size=32, patches_per_image=3, channels="green", clahe=True)
+    dm.setup("fit")
+    assert len(dm.train_set) == 3 * len(dm.train_set.records)
+    sample = dm.train_set[0]
+    assert sample["image"].shape == (1, 32, 32)
+    assert sample["mask"].shape == sample["fov"].shape == (1, 32, 32)
+    # vessels only inside the FOV, also after augmentation
+    assert not ((sample["mask"] > 0) & (sample["fov"] == 0)).any()
+
+
+def test_augmentation_follows_the_global_seed(drive_root):
+    dm = _dm(drive_root)
+    dm.setup("fit")
+    torch.manual_seed(3)
+    a = dm.train_set[0]["image"]
+    dm.train_set.transform._seed = None
+    torch.manual_seed(3)
+    b = dm.train_set[0]["image"]
+    assert torch.equal(a, b)
+
+
+def _copy(drive_root, tmp_path):
+    dst = tmp_path / "drive"
+    shutil.copytree(drive_root, dst)
+    return dst
+
+
+def test_missing_mask_is_an_error_naming_the_image(drive_root, tmp_path):
+    root = _copy(drive_root, tmp_path)
+    (root / "training" / "1st_manual" / "23_manual1.gif").unlink()
+    with pytest.raises(DataError, match="23_training.tif"):
+        _dm(root).setup("fit")
+
+
+def test_mask_without_image_is_an_error(drive_root, tmp_path):
+    root = _copy(drive_root, tmp_path)
+    (root / "training" / "images" / "24_training.tif").unlink()
+    with pytest.raises(DataError, match="24_manual1.gif"):
+        _dm(root).setup("fit")
+
+
+def test_non_binary_mask_is_an_error_naming_the_file(drive_root, tmp_path):
+    root = _copy(drive_root, tmp_path)
+    path = root / "training" / "1st_manual" / "22_manual1.gif"
+    Image.fromarray(np.arange(64 * 72, dtype=np.uint8).reshape(64, 72) % 7).save(path)
+    with pytest.raises(DataError, match="22_manual1.gif.*not binary"):
+        _dm(root).setup("fit")
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a-truncated"])
+def test_unreadable_files_are_errors_naming_the_file(drive_root, tmp_path, content):
+    root = _copy(drive_root, tmp_path)
+    (root / "training" / "images" / "25_training.tif").write_bytes(content)
+    with pytest.raises(DataError, match="25_training.tif"):
+        _dm(root).setup("fit")
+
+
+def test_size_mismatch_is_an_error_naming_both_files(drive_root, tmp_path):
+    root = _copy(drive_root, tmp_path)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "training" / "mask" / "26_training_mask.gif")
+    with pytest.raises(DataError, match="26_training_mask.gif.*26_training.tif"):
+        _dm(root).setup("fit")
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="training"):
+        _dm(tmp_path / "nowhere").setup("fit")
+
+
+def test_folder_layout_with_different_sizes_pads_per_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i, (h, w) in enumerate([(40, 50), (48, 36), (40, 40), (33, 47)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / f"c{i}.png")
+        Image.fromarray((rng.random((h, w)) > 0.8).astype(np.uint8)).save(tmp_path / "masks" / f"c{i}.png")
+    dm = _dm(tmp_path, layout="folder", val_fraction=0.5, augment=False)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[-2] % 32 == 0 and batch["image"].shape[-1] % 32 == 0
+    assert batch["fov"].sum() > 0  # folder layout without fov/: the whole image counts
+
+
+@pytest.mark.realdata
+def test_real_drive_training_set_loads():
+    root = shared("drive")
+    dm = _dm(root, val_fraction=0.2)
+    records = dm._training_records()
+    assert len(records) == 20
+    assert {r.id for r in records} == {str(i) for i in range(21, 41)}
+    for r in records:
+        assert r.image.shape == (584, 565, 3)
+        assert set(np.unique(r.vessels)) == {0, 1}
+        assert set(np.unique(r.fov)) == {0, 1}
+        assert r.vessels[r.fov == 0].sum() < 0.01 * r.vessels.sum() + 50
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (16, 4)
