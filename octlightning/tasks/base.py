@@ -141,21 +141,26 @@ class BaseTask(L.LightningModule):
         return Path(log_dir or self.trainer.default_root_dir)
 
     def add_result_row(self, row: dict[str, Any]) -> None:
-        """Collect one per-sample result (test metrics, predictions) for :meth:`write_result_rows`."""
+        """Collect one per-sample result (test metrics, predictions) for :meth:`gather_result_rows`."""
         self._result_rows.append(row)
 
-    def write_result_rows(self, filename: str, key: str = "id") -> Path | None:
-        """Gather rows from every rank, drop duplicates by ``key``, write a CSV in the run folder (rank 0)."""
+    def gather_result_rows(self, key: str = "id") -> list[dict[str, Any]]:
+        """Rows from every DDP rank, duplicates by ``key`` dropped, sorted; empty on ranks other than 0."""
         rows = self._result_rows
         self._result_rows = []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[list[dict]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
-        if not self.trainer.is_global_zero or not rows:
-            return None
+        if not self.trainer.is_global_zero:
+            return []
         unique = {r[key]: r for r in rows}
-        rows = [unique[k] for k in sorted(unique)]
+        return [unique[k] for k in sorted(unique)]
+
+    def write_csv(self, rows: list[dict[str, Any]], filename: str) -> Path | None:
+        """Write rows (columns in first-seen order) to a CSV in the run folder."""
+        if not rows:
+            return None
         fields = list(dict.fromkeys(f for r in rows for f in r))
         path = self.run_dir / filename
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,22 +178,63 @@ class SegmentationTask(BaseTask):
         labels = self.labels(probs)
         k = 2 if self.binary else self.num_classes
         for i, sample_id in enumerate(batch["id"]):
-            scores = scores_from_counts(confusion_counts(labels[i], target[i], valid[i], k))
+            counts = confusion_counts(labels[i], target[i], valid[i], k)
             row: dict[str, Any] = {"id": sample_id}
-            for name, per_class in scores.items():
-                fg = per_class[1:]
-                row[name] = float(fg.mean())
-                if not self.binary:
-                    row.update({f"{name}_{c}": float(v) for c, v in zip(self.class_names, fg, strict=True)})
+            if "volume" in batch:
+                row["volume"] = batch["volume"][i]
+            row.update(self._score_row(counts))
             if self.use_auroc:
                 t = target[i][valid[i]].long()
                 if 0 < int(t.sum()) < t.numel():
                     row["auroc"] = float(binary_auroc(probs[i, 0][valid[i]], t, thresholds=200))
+            # Raw counts travel with the row so that volumes can be scored from summed counts.
+            row["_counts"] = counts.cpu()
+            if "voxel_mm3" in batch:
+                row["_voxel_mm3"] = float(batch["voxel_mm3"][i])
             self.add_result_row(row)
+
+    def _score_row(self, counts: Tensor) -> dict[str, float]:
+        """Mean foreground scores (and per class for multi-class) from ``(K, 4)`` confusion counts."""
+        row = {}
+        for name, per_class in scores_from_counts(counts).items():
+            fg = per_class[1:]
+            row[name] = float(fg.mean())
+            if not self.binary:
+                row.update({f"{name}_{c}": float(v) for c, v in zip(self.class_names, fg, strict=True)})
+        return row
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
-        self.write_result_rows("test_metrics.csv")
+        rows = self.gather_result_rows()
+        self.write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "test_metrics.csv")
+        if rows and "volume" in rows[0]:
+            self.write_csv(self.volume_rows(rows), "test_volumes.csv")
+
+    def volume_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per-volume scores from the summed confusion counts of its slices.
+
+        With a voxel volume (``voxel_mm3`` in the batch) each class also gets the reference and
+        predicted volume and their absolute difference in mm^3 (the RETOUCH challenge's AVD).
+        """
+        volumes: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            volumes.setdefault(str(r["volume"]), []).append(r)
+        names = ["foreground"] if self.binary else self.class_names
+        out = []
+        for vid in sorted(volumes):
+            part = volumes[vid]
+            counts = sum(r["_counts"] for r in part)
+            row: dict[str, Any] = {"volume": vid, "slices": len(part)}
+            row.update(self._score_row(counts))
+            if all("_voxel_mm3" in r for r in part):
+                for k, cname in enumerate(names, start=1):
+                    ref = sum(float(r["_counts"][k, 0] + r["_counts"][k, 2]) * r["_voxel_mm3"] for r in part)
+                    pred = sum(float(r["_counts"][k, 0] + r["_counts"][k, 1]) * r["_voxel_mm3"] for r in part)
+                    row[f"ref_mm3_{cname}"] = ref
+                    row[f"pred_mm3_{cname}"] = pred
+                    row[f"avd_mm3_{cname}"] = abs(pred - ref)
+            out.append(row)
+        return out
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         probs = self.probabilities(self.run_net(batch["image"]))
