@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import CometLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.optim import Optimizer
 
+from octlightning.metrics import ISIC_JACCARD_THRESHOLD, thresholded_jaccard
 from octlightning.visualize import save_png
 
 
@@ -35,3 +42,281 @@ class LogOverlays(L.Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, CometLogger):
                     logger.experiment.log_image(image, name=f"val/{name}", step=trainer.global_step)
+
+
+class CheckpointOnSigterm(L.Callback):
+    """Save ``last.ckpt`` when the run is stopped by SIGTERM (SLURM pre-emption, ``kill``, sweep Ctrl-C).
+
+    Lightning stops cleanly after the current batch on SIGTERM but saves nothing; without this the
+    work since the last epoch end would be lost. The checkpoint is written atomically by Lightning
+    (temporary file, then rename), so a kill during the save leaves the previous ``last.ckpt``.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.trainer.states import TrainerFn
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or checkpoint.dirpath is None:
+            return
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            print(f"octlightning: SIGTERM received, saved {path}", flush=True)
+
+
+class FreezeBackbone(BaseFinetuning):
+    """Train with the pretrained encoder frozen for the first epochs, then fine-tune it at a lower LR.
+
+    The transfer-learning recipe: the randomly initialised decoder first learns on fixed pretrained
+    features, so its large early gradients cannot wreck them; from ``unfreeze_at_epoch`` on the
+    encoder trains too, at ``lr_factor`` times the learning rate of the rest (its own parameter
+    group; LR schedulers are told about it). Built on Lightning's
+    :class:`~lightning.pytorch.callbacks.BaseFinetuning`, which keeps the group across resumes; unlike
+    ``BackboneFinetuning`` the module is named by a path, so any task and network exposing its
+    encoder works.
+
+    How the encoder is held fixed (``freeze_by``):
+
+    - ``requires_grad``: its parameters stop requiring gradients and join the optimiser when
+      unfrozen; no backward pass runs through the frozen encoder (faster).
+    - ``gradients``: its parameters keep ``requires_grad``, sit in their own optimiser group from the
+      start, and their gradients are dropped before every optimiser step while frozen. DDP only
+      synchronises parameters that require gradients when the model is wrapped, so unfreezing by
+      ``requires_grad`` there would leave ranks training different encoders (Lightning issue #20340).
+    - ``auto`` (default): ``gradients`` when training on several processes, else ``requires_grad``.
+
+    In a config: ``"trainer": {"callbacks": [{"class_path": "octlightning.callbacks.FreezeBackbone",
+    "init_args": {"unfreeze_at_epoch": 5, "lr_factor": 0.1}}]}``.
+
+    Args:
+        unfreeze_at_epoch: first (0-based) epoch in which the encoder trains; 0 never freezes it.
+        lr_factor: the encoder's learning rate relative to the first parameter group's.
+        backbone: attribute path from the LightningModule to the encoder (``net.encoder`` is
+            :attr:`octlightning.models.smp_net.SMPNet.encoder`).
+        train_bn: keep the frozen encoder's BatchNorm layers training (Lightning's default); their
+            parameters then stay in the first group throughout.
+        freeze_by: ``auto``, ``requires_grad`` or ``gradients`` (see above).
+    """
+
+    def __init__(
+        self,
+        unfreeze_at_epoch: int = 5,
+        lr_factor: float = 0.1,
+        backbone: str = "net.encoder",
+        train_bn: bool = True,
+        freeze_by: Literal["auto", "requires_grad", "gradients"] = "auto",
+    ) -> None:
+        super().__init__()
+        if unfreeze_at_epoch < 0 or lr_factor <= 0:
+            raise ValueError("FreezeBackbone needs unfreeze_at_epoch >= 0 and lr_factor > 0")
+        if freeze_by not in ("auto", "requires_grad", "gradients"):
+            raise ValueError(f"freeze_by must be auto, requires_grad or gradients, not {freeze_by!r}")
+        self.unfreeze_at_epoch = unfreeze_at_epoch
+        self.lr_factor = lr_factor
+        self.backbone = backbone
+        self.train_bn = train_bn
+        self.freeze_by = freeze_by
+        self._by_gradients = freeze_by == "gradients"
+
+    def backbone_module(self, pl_module: L.LightningModule) -> nn.Module:
+        module = pl_module
+        for name in self.backbone.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                raise AttributeError(
+                    f"FreezeBackbone: {type(pl_module).__name__} has no module at {self.backbone!r} "
+                    f"(set init_args.backbone to the encoder's attribute path)"
+                )
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"FreezeBackbone: {self.backbone!r} is a {type(module).__name__}, not an nn.Module")
+        return module
+
+    def _encoder_params(self, pl_module: L.LightningModule) -> list[nn.Parameter]:
+        """The parameters that are frozen: all of the encoder's, BatchNorm's excepted with ``train_bn``."""
+        return list(self.filter_params(self.backbone_module(pl_module), train_bn=self.train_bn, requires_grad=True))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.freeze_by == "auto":
+            self._by_gradients = trainer.world_size > 1
+        elif self.freeze_by == "requires_grad" and trainer.world_size > 1:
+            rank_zero_warn("FreezeBackbone(freeze_by='requires_grad') under DDP: ranks' encoders will diverge")
+        super().setup(trainer, pl_module, stage)
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        if self.unfreeze_at_epoch > 0 and not self._by_gradients:
+            self.freeze(self.backbone_module(pl_module), train_bn=self.train_bn)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        restarting = self._restarting
+        super().on_fit_start(trainer, pl_module)  # a resumed run gets its stored groups back here
+        if not self._by_gradients or self.unfreeze_at_epoch == 0 or restarting:
+            return
+        # Move the encoder's parameters out of the group(s) the task built into one of their own.
+        encoder = {id(p) for p in self._encoder_params(pl_module)}
+        optimizer = trainer.optimizers[0]
+        moved = [p for g in optimizer.param_groups for p in g["params"] if id(p) in encoder]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in encoder]
+        if moved:
+            optimizer.add_param_group({"params": moved, "lr": optimizer.param_groups[0]["lr"] * self.lr_factor})
+            self._extend_schedulers(trainer, optimizer)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        # Gradients were already averaged across ranks: dropping them everywhere keeps ranks equal,
+        # and optimisers skip parameters without a gradient (no update, no moments, no weight decay).
+        if self._by_gradients and trainer.current_epoch < self.unfreeze_at_epoch:
+            for p in self._encoder_params(pl_module):
+                p.grad = None
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        # ">=" rather than "==": a run resumed after the unfreeze epoch starts with a frozen encoder too.
+        if self._by_gradients or epoch < self.unfreeze_at_epoch:
+            return
+        module = self.backbone_module(pl_module)
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        if not frozen:
+            return
+        self.make_trainable(module)
+        # By identity: Lightning's filter_on_optimizer compares values, and two freshly initialised
+        # BatchNorm weights (all ones) would wrongly count as the same parameter.
+        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        new = [p for p in frozen if id(p) not in present]
+        if not new:  # a resumed run: Lightning already restored the encoder's parameter group
+            return
+        optimizer.add_param_group({"params": new, "lr": optimizer.param_groups[0]["lr"] * self.lr_factor})
+        self._extend_schedulers(pl_module.trainer, optimizer)
+
+    def _extend_schedulers(self, trainer: L.Trainer, optimizer: Optimizer) -> None:
+        """Give the optimiser's LR schedulers an entry for the new group (LambdaLR etc. fail without)."""
+        n = len(optimizer.param_groups)
+        group = optimizer.param_groups[-1]
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if getattr(sched, "optimizer", None) is not optimizer:
+                continue
+            if len(getattr(sched, "base_lrs", [])) == n - 1:
+                sched.base_lrs.append(sched.base_lrs[0] * self.lr_factor)
+                group.setdefault("initial_lr", sched.base_lrs[-1])
+            for name in ("lr_lambdas", "min_lrs"):
+                values = getattr(sched, name, None)
+                if isinstance(values, list) and len(values) == n - 1:
+                    values.append(values[0])
+            if isinstance(getattr(sched, "_last_lr", None), list) and len(sched._last_lr) == n - 1:
+                sched._last_lr.append(group["lr"])
+
+
+class ThresholdedJaccard(L.Callback):
+    """The ISIC 2018 Task 1 score on the test set: a per-image column and the epoch mean.
+
+    Adds ``thresholded_jaccard`` (:func:`octlightning.metrics.thresholded_jaccard`: the image's IoU,
+    0 below ``threshold``) to every per-image row of a task that keeps result rows with an ``iou``
+    column (:class:`~octlightning.tasks.segmentation.SegmentationTask`), so it lands in
+    ``test_metrics.csv``, and logs their mean as ``test/thresholded_jaccard`` (summed over DDP ranks).
+    It runs as a callback so that any such task gets it without a task option.
+
+    Args:
+        threshold: Jaccard below which an image counts as 0 (0.65 in the challenge).
+    """
+
+    def __init__(self, threshold: float = ISIC_JACCARD_THRESHOLD) -> None:
+        self.threshold = threshold
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Callbacks run before the module's hook, which gathers and writes these rows (BaseTask).
+        rows = [r for r in getattr(pl_module, "_result_rows", []) if "iou" in r]
+        scores = thresholded_jaccard([float(r["iou"]) for r in rows], self.threshold)
+        for row, value in zip(rows, scores.tolist(), strict=True):
+            row["thresholded_jaccard"] = value
+        total = trainer.strategy.reduce(
+            torch.tensor([float(scores.sum()), float(len(rows))], device=pl_module.device), reduce_op="sum"
+        )
+        if total[1] > 0:
+            pl_module.log("test/thresholded_jaccard", total[0] / total[1], sync_dist=False)
+
+
+class WriteVolumes(L.Callback):
+    """Assemble predicted B-scans into label volumes: ``<run>/predictions/<volume>/prediction.mhd``.
+
+    Works with any task whose ``predict_step`` returns ``{"labels": (B, H, W)}`` (SegmentationTask does)
+    on batches that carry ``volume`` (name), ``slice`` (index in the volume), ``num_slices``, ``spacing``
+    (x, y, z in mm, MetaImage order) and ``size`` (unpadded height, width), as the RETOUCH DataModule
+    provides. A volume is written (uint8 MetaImage with the input's spacing) as soon as all its slices
+    are in, which keeps memory bounded; under DDP, slices spread over ranks are gathered on rank 0 at
+    the end. Because predictions go to disk, the trainer is told not to keep them all in memory too.
+    Batches without those keys are ignored.
+
+    Args:
+        folder: sub-folder of the run folder.
+        filename: file name inside ``<folder>/<volume>/``.
+        compress: write a zlib-compressed ``.zraw`` instead of the challenge's plain ``.raw``.
+    """
+
+    def __init__(self, folder: str = "predictions", filename: str = "prediction.mhd", compress: bool = False) -> None:
+        self.folder = folder
+        self.filename = filename
+        self.compress = compress
+        self._slices: dict[str, dict[int, object]] = {}
+        self._info: dict[str, tuple[int, tuple[float, ...]]] = {}
+        self.written: list[Path] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._slices, self._info, self.written = {}, {}, []
+        trainer.predict_loop.return_predictions = False
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not isinstance(outputs, dict) or "labels" not in outputs:
+            return
+        if not all(k in batch for k in ("volume", "slice", "num_slices", "spacing")):
+            return
+        labels = outputs["labels"]
+        for i, volume in enumerate(batch["volume"]):
+            h, w = (int(v) for v in batch["size"][i]) if "size" in batch else labels.shape[-2:]
+            self._slices.setdefault(volume, {})[int(batch["slice"][i])] = (
+                labels[i, :h, :w].to(torch.uint8).cpu().numpy()
+            )
+            self._info[volume] = (int(batch["num_slices"][i]), tuple(float(s) for s in batch["spacing"][i]))
+            if len(self._slices[volume]) == self._info[volume][0]:
+                self._write(trainer, pl_module, volume)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import warnings
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (self._slices, self._info))
+            self._slices, self._info = {}, {}
+            if not trainer.is_global_zero:
+                return
+            for slices, info in gathered:
+                for volume, parts in slices.items():
+                    self._slices.setdefault(volume, {}).update(parts)
+                    self._info[volume] = info[volume]
+            for volume in sorted(self._slices):
+                if len(self._slices[volume]) == self._info[volume][0]:
+                    self._write(trainer, pl_module, volume)
+        for volume, parts in sorted(self._slices.items()):
+            warnings.warn(
+                f"WriteVolumes: volume {volume} got {len(parts)} of {self._info[volume][0]} B-scans "
+                f"(predict batches limited?); {self.filename} not written for it",
+                stacklevel=2,
+            )
+        self._slices, self._info = {}, {}
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, volume: str) -> None:
+        import numpy as np
+        import SimpleITK as sitk
+
+        parts = self._slices.pop(volume)
+        _, spacing = self._info.pop(volume)
+        array = np.stack([parts[z] for z in sorted(parts)])
+        run_dir = getattr(pl_module, "run_dir", None) or Path(trainer.log_dir or trainer.default_root_dir)
+        path = Path(run_dir) / self.folder / volume / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(path), useCompression=self.compress)
+        self.written.append(path)

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
-from octlightning.callbacks import LogOverlays
+from octlightning.callbacks import CheckpointOnSigterm, LogOverlays
 from octlightning.loggers import CometLogger, CSVLogger
 
 
@@ -49,6 +49,7 @@ class OctLightningCLI(LightningCLI):
             ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``.
         comet: log to Comet (online with ``COMET_API_KEY``, else an offline archive in the run folder).
         comet_project: Comet project (default: the experiment name).
+        comet_tags: Comet experiment tags (sweeps tag each run with the sweep name and its overrides).
         overlay_every_n_epochs: write overlay images of the first validation batch every N epochs.
         early_stopping_patience: stop when the monitored metric has not improved for N validations.
 
@@ -70,6 +71,7 @@ class OctLightningCLI(LightningCLI):
         parser.add_argument("--version", type=str | None, default=None, help="run folder version")
         parser.add_argument("--comet", type=bool, default=True, help="log to Comet (offline without API key)")
         parser.add_argument("--comet_project", type=str | None, default=None, help="Comet project name")
+        parser.add_argument("--comet_tags", type=list[str] | None, default=None, help="Comet experiment tags")
         parser.add_argument("--overlay_every_n_epochs", type=int, default=5, help="0 disables overlays")
         parser.add_argument("--early_stopping_patience", type=int | None, default=None)
 
@@ -119,6 +121,7 @@ class OctLightningCLI(LightningCLI):
                         offline_directory=str(run_dir),
                         project=cfg.get("comet_project") or name,
                         name=f"{name}/{version}",
+                        tags=cfg.get("comet_tags"),
                     )
                 )
             kwargs["logger"] = loggers
@@ -127,16 +130,17 @@ class OctLightningCLI(LightningCLI):
         monitor = getattr(self.model, "monitor", None)
         mode = getattr(self.model, "monitor_mode", "min")
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # Two callbacks: Lightning 2.6 refreshes `save_last` only when a top-k checkpoint was saved,
+            # so a run whose metric stops improving would resume from its best epoch, not its last.
             callbacks.append(
                 ModelCheckpoint(
-                    filename="best",
-                    monitor=monitor,
-                    mode=mode,
-                    save_top_k=1,
-                    save_last=True,
-                    auto_insert_metric_name=False,
+                    filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False
                 )
             )
+            callbacks.append(
+                ModelCheckpoint(filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True)
+            )
+        callbacks.append(CheckpointOnSigterm())
         if kwargs.get("logger", logger) not in (False, None) and not any(
             isinstance(c, LearningRateMonitor) for c in callbacks
         ):
@@ -163,7 +167,11 @@ def run_cli(args: list[str] | None = None) -> OctLightningCLI:
 
 
 def main() -> None:
-    """Console entry point (``octlightning``)."""
+    """Console entry point (``octlightning``); ``octlightning sweep ...`` goes to :mod:`octlightning.sweep`."""
+    if len(sys.argv) > 1 and sys.argv[1] == "sweep":
+        from octlightning.sweep import main as sweep_main
+
+        sys.exit(sweep_main(sys.argv[2:]))
     run_cli()
 
 

@@ -29,7 +29,8 @@ class BaseTask(L.LightningModule):
         scheduler: ``none``, ``cosine`` (per step, after ``warmup_epochs`` linear warm-up),
             ``plateau`` (halve on a stalled monitored metric) or ``step`` (x0.1 every third of training).
         warmup_epochs: linear warm-up length for ``cosine``.
-        channels_last: NHWC memory format for convolutional networks on GPU (tensor-core friendly).
+        channels_last: NHWC memory format for the network and its inputs (what tensor cores and oneDNN
+            convolutions want); leave it off for transformers, where it gains nothing.
         compile: ``torch.compile`` the network; falls back to eager with a warning if compilation fails.
     """
 
@@ -62,11 +63,8 @@ class BaseTask(L.LightningModule):
         """The networks that channels_last/compile apply to (override for several)."""
         return [self.net]
 
-    def _use_channels_last(self) -> bool:
-        return self.channels_last and self.device.type == "cuda"
-
     def setup(self, stage: str) -> None:
-        if self._use_channels_last():
+        if self.channels_last:
             for net in self.networks():
                 net.to(memory_format=torch.channels_last)
         if self.compile and self._forward_impl is None:
@@ -75,7 +73,7 @@ class BaseTask(L.LightningModule):
             self._forward_impl = torch.compile(self.net.forward)
 
     def prepare_input(self, x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self._use_channels_last() else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def run_net(self, x: Tensor) -> Any:
         """Forward through the (possibly compiled) network, falling back to eager when compile fails."""
@@ -95,7 +93,18 @@ class BaseTask(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]] | Any:
-        """Parameters to optimise (override for layer-wise learning rates)."""
+        """Parameters to optimise (override for layer-wise learning rates).
+
+        A network that defines ``param_groups(lr)`` (e.g. layer-wise LR decay of a fine-tuned encoder,
+        :class:`~octlightning.models.foundation.FoundationSegNet`) chooses its own groups, whatever the
+        task; trainable task parameters outside the network join at the base rate.
+        """
+        net = getattr(self, "net", None)
+        if callable(getattr(net, "param_groups", None)):
+            groups = [g for g in net.param_groups(self.lr) if g["params"]]
+            in_net = {id(p) for p in net.parameters()}
+            rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_net]
+            return groups + ([{"params": rest}] if rest else [])
         return [p for p in self.parameters() if p.requires_grad]
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:

@@ -11,8 +11,15 @@ from torch import Tensor, nn
 from torchmetrics import classification as tmc
 from torchmetrics.functional.classification import binary_auroc
 
+from octlightning.inference import sliding_window as tiled_inference
 from octlightning.losses import build_segmentation_loss
-from octlightning.metrics import confusion_counts, scores_from_counts, valid_from_sizes
+from octlightning.metrics import (
+    confusion_counts,
+    hd95_per_class,
+    mean_row,
+    score_row,
+    valid_from_sizes,
+)
 from octlightning.tasks.base import BaseTask
 from octlightning.visualize import overlay, save_png, to_display
 
@@ -33,6 +40,14 @@ class SegmentationTask(BaseTask):
         threshold: probability threshold for binary masks.
         auroc: also track AUROC (binary; binned, 200 thresholds).
         monitor: validation metric for checkpoints/early stopping (default ``val/dice``, maximised).
+        sliding_window: ``[height, width]`` tile for validation/test/predict forwards (networks trained on
+            patches); tiles overlap by ``sliding_window_overlap`` and are blended with
+            ``sliding_window_blend`` weights (:func:`octlightning.inference.sliding_window`). ``None``
+            runs the network on the whole (padded) image.
+        hd95: also score each test image's classes by the 95th-percentile Hausdorff distance in pixels
+            (:func:`octlightning.metrics.hd95_per_class`: 0 when a class is absent from both prediction and
+            reference, the image diagonal when absent from one); volumes get the mean over their slices,
+            and both test tables end with a ``mean`` row.
         lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile: see
             :class:`~octlightning.tasks.base.BaseTask`.
     """
@@ -54,6 +69,10 @@ class SegmentationTask(BaseTask):
         warmup_epochs: int = 0,
         channels_last: bool = True,
         compile: bool = False,
+        sliding_window: list[int] | None = None,
+        sliding_window_overlap: float = 0.5,
+        sliding_window_blend: Literal["gaussian", "linear", "constant"] = "gaussian",
+        hd95: bool = False,
     ) -> None:
         super().__init__(lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile)
         self.save_hyperparameters(ignore=["net"])
@@ -72,6 +91,10 @@ class SegmentationTask(BaseTask):
         self.val_metrics = self._make_metrics()
         self.test_metrics = self._make_metrics()
         self.val_loss = torchmetrics.MeanMetric()
+        self.sliding_window = sliding_window
+        self.sliding_window_overlap = sliding_window_overlap
+        self.sliding_window_blend = sliding_window_blend
+        self.hd95 = hd95
 
     def _make_metrics(self) -> torchmetrics.MetricCollection:
         if self.binary:
@@ -96,6 +119,14 @@ class SegmentationTask(BaseTask):
     # ----------------------------------------------------------------- helpers
     def forward(self, x: Tensor) -> Tensor:
         return self.run_net(x)
+
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Logits for a batch: tiled and blended outside training when ``sliding_window`` is set."""
+        if self.sliding_window is None or self.training:
+            return self.run_net(x)
+        return tiled_inference(
+            self.run_net, x, self.sliding_window, self.sliding_window_overlap, self.sliding_window_blend
+        )
 
     def valid_mask(self, batch: dict[str, Any]) -> Tensor:
         """``(B, H, W)`` bool: inside the FOV (when given) and inside the unpadded image."""
@@ -140,7 +171,7 @@ class SegmentationTask(BaseTask):
 
     # ----------------------------------------------------------------- steps
     def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        logits = self.run_net(batch["image"])
+        logits = self.predict_logits(batch["image"])
         valid = self.valid_mask(batch)
         loss = self.loss_fn(logits, batch["mask"], valid)
         return logits, loss, valid
@@ -182,7 +213,12 @@ class SegmentationTask(BaseTask):
             row: dict[str, Any] = {"id": sample_id}
             if "volume" in batch:
                 row["volume"] = batch["volume"][i]
-            row.update(self._score_row(counts))
+            hd95 = None
+            if self.hd95:  # on the unpadded image, so that the diagonal is the image's own
+                h, w = (int(v) for v in batch["size"][i]) if "size" in batch else labels.shape[-2:]
+                hd95 = hd95_per_class(labels[i, :h, :w], target[i, :h, :w], k, valid[i, :h, :w])
+                row["_hd95"] = hd95
+            row.update(self._score_row(counts, hd95))
             if self.use_auroc:
                 t = target[i][valid[i]].long()
                 if 0 < int(t.sum()) < t.numel():
@@ -193,22 +229,28 @@ class SegmentationTask(BaseTask):
                 row["_voxel_mm3"] = float(batch["voxel_mm3"][i])
             self.add_result_row(row)
 
-    def _score_row(self, counts: Tensor) -> dict[str, float]:
+    def _score_row(self, counts: Tensor | None, hd95: Any = None) -> dict[str, float]:
         """Mean foreground scores (and per class for multi-class) from ``(K, 4)`` confusion counts."""
-        row = {}
-        for name, per_class in scores_from_counts(counts).items():
-            fg = per_class[1:]
-            row[name] = float(fg.mean())
-            if not self.binary:
-                row.update({f"{name}_{c}": float(v) for c, v in zip(self.class_names, fg, strict=True)})
-        return row
+        return score_row(counts, None if self.binary else self.class_names, hd95)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
         rows = self.gather_result_rows()
-        self.write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "test_metrics.csv")
+        table = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        if self.hd95 and table:
+            table.append(mean_row(table, "id"))
+        self.write_csv(table, "test_metrics.csv")
         if rows and "volume" in rows[0]:
-            self.write_csv(self.volume_rows(rows), "test_volumes.csv")
+            volumes = self.volume_rows(rows)
+            if self.hd95:
+                # A volume's HD95 is the mean over its slices (the MIRAGE benchmark's per-scan score).
+                by_volume: dict[str, list[np.ndarray]] = {}
+                for r in rows:
+                    by_volume.setdefault(str(r["volume"]), []).append(r["_hd95"])
+                for v in volumes:
+                    v.update(self._score_row(None, np.mean(by_volume[v["volume"]], axis=0)))
+                volumes.append(mean_row(volumes, "volume"))
+            self.write_csv(volumes, "test_volumes.csv")
 
     def volume_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per-volume scores from the summed confusion counts of its slices.
@@ -236,21 +278,27 @@ class SegmentationTask(BaseTask):
             out.append(row)
         return out
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        probs = self.probabilities(self.run_net(batch["image"]))
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Write mask/overlay PNGs per image; return the padded label maps (uint8) for writers such as
+        :class:`~octlightning.callbacks.WriteVolumes`."""
+        probs = self.probabilities(self.predict_logits(batch["image"]))
         labels = self.labels(probs)
         out = self.run_dir / "predictions"
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i]) if "size" in batch else probs.shape[-2:]
-            lab = labels[i, :h, :w].cpu().numpy().astype(np.uint8)
+            prob, image = probs[i : i + 1, :, :h, :w], batch["image"][i : i + 1, :, :h, :w].float()
+            if "orig_size" in batch:  # inputs were resized: write each at its file's own size
+                size = [int(v) for v in batch["orig_size"][i]]
+                prob = torch.nn.functional.interpolate(prob, size=size, mode="bilinear", align_corners=False)
+                image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            lab = self.labels(prob)[0].cpu().numpy().astype(np.uint8)
             if self.binary:
-                save_png(
-                    (probs[i, 0, :h, :w].cpu().numpy() * 255).round().astype(np.uint8), out / f"{sample_id}_prob.png"
-                )
+                save_png((prob[0, 0].cpu().numpy() * 255).round().astype(np.uint8), out / f"{sample_id}_prob.png")
                 save_png(lab * 255, out / f"{sample_id}_mask.png")
             else:
                 save_png(lab, out / f"{sample_id}_mask.png")
-            save_png(overlay(to_display(batch["image"][i, :, :h, :w]), lab), out / f"{sample_id}_overlay.png")
+            save_png(overlay(to_display(image[0]), lab), out / f"{sample_id}_overlay.png")
+        return {"labels": labels.to(torch.uint8)}
 
     # ----------------------------------------------------------------- overlays for loggers
     def overlay_images(self, batch: dict[str, Any], outputs: dict[str, Tensor]) -> list[tuple[str, np.ndarray]]:
