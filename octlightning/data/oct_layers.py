@@ -1,0 +1,549 @@
+"""OCT retinal-layer boundaries from HDF5: B-scans and, per column, the row of each chosen boundary.
+
+The file holds ``images`` ``(N, H, W)`` grayscale B-scans and ``layer_maps`` ``(N, W, L)`` with the row
+(y, pixels) of every boundary in every column, NaN where a grader left it unannotated; optionally
+``subject`` ``(N,)`` for subject-wise splits (``fluid_masks`` and other datasets are ignored). The
+dataset names are configurable: the Duke AMD export calls them ``images``/``layerMaps``.
+
+Samples are dicts with ``image`` ``(C, H_in, W_in)``, ``coords`` ``(L, output_width)`` boundary rows in
+*input* pixels (NaN where unannotated), ``valid`` ``(L, output_width)`` bool, ``size`` (original H, W),
+``spacing_um`` (axial um per original pixel, NaN when unknown), ``id`` and, when known, ``subject``.
+
+Coordinates follow the pixel-centre convention of image resizing (row/column ``i`` is the centre of
+pixel ``i``): resizing ``n`` to ``m`` pixels maps ``x`` to ``(x + 0.5) * m / n - 0.5``, the mapping
+``cv2.resize`` and ``F.interpolate(align_corners=False)`` apply to the image, so image and
+coordinates stay registered.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import albumentations as A
+import cv2
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from octlightning.data.base import BaseDataModule, DataError, split_indices
+from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
+
+NanPolicy = Literal["mask", "interpolate"]
+
+
+# ----------------------------------------------------------------------------- coordinate helpers
+def rescale_rows(y: np.ndarray | torch.Tensor, src: int, dst: int):
+    """Map row coordinates from an image of height ``src`` to one of height ``dst`` (pixel centres)."""
+    return (y + 0.5) * (dst / src) - 0.5
+
+
+def column_positions(src: int, dst: int) -> np.ndarray:
+    """Where the ``dst`` resampled columns' centres lie on the ``src`` column grid."""
+    return (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
+
+
+def resample_columns(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resample per-column values ``(..., W)`` to ``width`` columns by linear interpolation.
+
+    Uses the resize convention of the image, so the values stay registered with a resized image;
+    positions beyond the outer column centres take the border column. A resampled column is valid
+    (second output) only when every source column it interpolates between is finite: NaN never
+    leaks into a value, and gaps are not bridged here (see :func:`interpolate_gaps`).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    src = values.shape[-1]
+    pos = np.clip(column_positions(src, width), 0, src - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, src - 1)
+    frac = pos - lo
+    a, b = values[..., lo], values[..., hi]
+    valid = np.isfinite(a) & (np.isfinite(b) | (frac == 0))
+    out = a + frac * (np.where(np.isfinite(b), b, a) - a)
+    return np.where(valid, out, np.nan), valid
+
+
+def interpolate_gaps(values: np.ndarray) -> np.ndarray:
+    """Fill NaN runs *between* annotated columns by linear interpolation, per row of ``(..., W)``.
+
+    Columns before the first or after the last annotated column stay NaN: extrapolating a boundary
+    beyond the annotation would invent data.
+    """
+    out = np.array(values, dtype=np.float64, copy=True)
+    flat = out.reshape(-1, out.shape[-1])
+    cols = np.arange(flat.shape[-1])
+    for row in flat:
+        ok = np.isfinite(row)
+        if ok.sum() < 2:
+            continue
+        first, last = np.flatnonzero(ok)[[0, -1]]
+        inner = ~ok & (cols > first) & (cols < last)
+        row[inner] = np.interp(cols[inner], cols[ok], row[ok])
+    return out
+
+
+# ----------------------------------------------------------------------------- augmentation
+class LayerAugmentation:
+    """Augmentation for a B-scan and its boundary coordinates that keeps both registered.
+
+    Geometric: horizontal flip (columns reversed), vertical scaling about the image centre and
+    vertical shift, and an "elastic" smooth column-wise vertical displacement; all move rows only, so
+    the same transform maps every coordinate exactly (one ``cv2.remap`` for the image). Photometric
+    (albumentations): brightness/contrast, multiplicative speckle-like noise, additive Gaussian noise.
+    Boundaries pushed out of the image are marked invalid. Implements ``set_random_seed`` so that
+    :class:`~octlightning.data.transforms.SeededTransform` reseeds it per loader worker.
+
+    Args:
+        hflip: probability of a horizontal flip.
+        shift: maximal vertical shift as a fraction of the height (uniform in +-shift).
+        scale: maximal vertical scaling (factor uniform in ``1 +- scale``).
+        elastic: probability of a smooth column-wise vertical displacement.
+        elastic_amplitude: its maximal displacement as a fraction of the height.
+        brightness_contrast, speckle, noise: probabilities of the photometric transforms.
+    """
+
+    def __init__(
+        self,
+        hflip: float = 0.5,
+        shift: float = 0.05,
+        scale: float = 0.1,
+        elastic: float = 0.0,
+        elastic_amplitude: float = 0.03,
+        brightness_contrast: float = 0.5,
+        speckle: float = 0.3,
+        noise: float = 0.2,
+    ) -> None:
+        self.hflip, self.shift, self.scale = hflip, shift, scale
+        self.elastic, self.elastic_amplitude = elastic, elastic_amplitude
+        ops: list[A.BasicTransform] = []
+        if brightness_contrast > 0:
+            ops.append(A.RandomBrightnessContrast(0.2, 0.2, p=brightness_contrast))
+        if speckle > 0:
+            ops.append(A.MultiplicativeNoise(multiplier=(0.8, 1.2), elementwise=True, p=speckle))
+        if noise > 0:
+            ops.append(A.GaussNoise(std_range=(0.01, 0.05), p=noise))
+        self.photometric = A.Compose(ops) if ops else None
+        self.rng = np.random.default_rng()
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        if self.photometric is not None:
+            self.photometric.set_random_seed(seed)
+
+    def _column_displacement(self, width: int, height: int) -> np.ndarray:
+        """A smooth random vertical displacement per column (a few random sine components)."""
+        x = np.arange(width) / max(1, width - 1)
+        d = np.zeros(width)
+        for k in range(1, 4):
+            d += self.rng.normal() / k * np.sin(np.pi * k * x + self.rng.uniform(0, 2 * np.pi))
+        return d / max(1e-6, np.abs(d).max()) * self.elastic_amplitude * height * self.rng.uniform()
+
+    def __call__(self, image: np.ndarray, coords: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        """``image`` ``(H, W)`` float32, ``coords``/``valid`` ``(L, W_out)`` in the image's pixels."""
+        h, w = image.shape
+        rng = self.rng
+        s = 1 + rng.uniform(-self.scale, self.scale) if self.scale > 0 else 1.0
+        t = rng.uniform(-self.shift, self.shift) * h if self.shift > 0 else 0.0
+        d = self._column_displacement(w, h) if self.elastic > 0 and rng.random() < self.elastic else np.zeros(w)
+        c = (h - 1) / 2
+        if s != 1.0 or t != 0.0 or d.any():
+            # destination row y' = s * (y - c) + c + t + d(x)  <=>  source row y = (y' - c - t - d(x)) / s + c
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+            map_y = ((yy - c - t - d[None, :]) / s + c).astype(np.float32)
+            image = cv2.remap(image, xx, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            d_out = np.interp(np.clip(column_positions(w, coords.shape[-1]), 0, w - 1), np.arange(w), d)
+            coords = s * (coords - c) + c + t + d_out[None, :]
+            valid = valid & (coords >= 0) & (coords <= h - 1)
+            coords = np.where(valid, coords, np.nan)
+        if self.hflip > 0 and rng.random() < self.hflip:
+            image, coords, valid = image[:, ::-1], coords[:, ::-1], valid[:, ::-1]
+        if self.photometric is not None:
+            image = self.photometric(image=np.ascontiguousarray(image))["image"]
+        return {"image": np.ascontiguousarray(image), "coords": np.ascontiguousarray(coords), "valid": valid.copy()}
+
+
+# ----------------------------------------------------------------------------- file checks
+def _require(f: h5py.File, path: Path, key: str, ndim: int, what: str) -> h5py.Dataset:
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise DataError(f"{path}: no dataset {key!r} ({what}); the file has {sorted(f.keys())}")
+    ds = f[key]
+    if ds.ndim != ndim:
+        raise DataError(f"{path}: dataset {key!r} has shape {ds.shape}, expected {ndim} dimensions ({what})")
+    return ds
+
+
+@dataclass
+class LayerFileIndex:
+    """What :func:`inspect_layer_file` learns from a file (``num_boundaries`` is None without layers)."""
+
+    path: Path
+    n: int
+    height: int
+    width: int
+    num_boundaries: int | None = None
+    layer_indices: list[int] | None = None  # the chosen boundaries, defaults resolved
+    subjects: np.ndarray | None = None
+    spacing_um: float | None = None
+    labelled: np.ndarray | None = None  # (N,) bool: a chosen boundary has at least one annotated column
+
+
+def inspect_layer_file(
+    path: Path,
+    image_key: str,
+    layer_key: str | None,
+    layer_indices: Sequence[int] | None,
+    subject_key: str | None,
+    require_layers: bool = True,
+    block: int = 64,
+) -> LayerFileIndex:
+    """Validate the file's layout and find the annotated samples, reading ``layer_maps`` block-wise.
+
+    With ``require_layers=False`` a file without ``layer_key`` is accepted (images to predict).
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: HDF5 file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: cannot open as HDF5 ({err})") from err
+    with f:
+        images = _require(f, path, image_key, 3, "B-scans (N, H, W)")
+        n, h, w = images.shape
+        if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+            raise DataError(f"{path}: dataset {image_key!r} has dtype {images.dtype}, expected integers or floats")
+        layers = None
+        if layer_key is not None and (require_layers or layer_key in f):
+            layers = _require(f, path, layer_key, 3, "boundary rows (N, W, L)")
+            if layers.shape[0] != n:
+                raise DataError(
+                    f"{path}: {image_key!r} holds {n} B-scans but {layer_key!r} holds {layers.shape[0]}; "
+                    f"they must have the same length"
+                )
+            if layers.shape[1] != w:
+                hint = " (is it stored as (N, L, W)?)" if layers.shape[2] == w else ""
+                raise DataError(
+                    f"{path}: {layer_key!r} has shape {layers.shape}, expected (N, W, L) with W = {w}, the width "
+                    f"of {image_key!r}{hint}"
+                )
+        index = LayerFileIndex(path, n, h, w, labelled=np.zeros(n, dtype=bool))
+        if layers is not None:
+            num = index.num_boundaries = layers.shape[2]
+            # Default: first and last boundary, ILM and Bruch's membrane in the Duke exports.
+            chosen = ([0, num - 1] if num > 1 else [0]) if layer_indices is None else list(layer_indices)
+            bad = [k for k in chosen if not 0 <= k < num]
+            if bad or not chosen:
+                raise DataError(
+                    f"{path}: layer_indices {chosen} out of range for {layer_key!r}, which has {num} boundaries "
+                    f"(valid indices 0..{num - 1})"
+                )
+            index.layer_indices = chosen
+            for start in range(0, n, block):
+                part = layers[start : start + block][..., chosen].astype(np.float64)
+                if np.isinf(part).any():
+                    i = start + int(np.flatnonzero(np.isinf(part).any(axis=(1, 2)))[0])
+                    raise DataError(f"{path}: {layer_key!r}[{i}] holds infinite values; use NaN for unannotated")
+                out = np.isfinite(part) & ((part < 0) | (part > h))
+                if out.any():
+                    i = start + int(np.flatnonzero(out.any(axis=(1, 2)))[0])
+                    raise DataError(
+                        f"{path}: {layer_key!r}[{i}] holds rows outside the image (0..{h}); boundary values "
+                        f"must be row indices of {image_key!r}"
+                    )
+                index.labelled[start : start + len(part)] = np.isfinite(part).any(axis=(1, 2))
+        if subject_key is not None and subject_key in f:
+            subjects = _require(f, path, subject_key, 1, "subject per B-scan (N,)")[()]
+            if len(subjects) != n:
+                raise DataError(f"{path}: {subject_key!r} has {len(subjects)} entries for {n} B-scans")
+            index.subjects = np.array([s.decode() if isinstance(s, bytes) else s for s in subjects])
+        spacing = f.attrs.get("pixel_spacing_um")
+        if spacing is not None:
+            index.spacing_um = float(np.asarray(spacing).reshape(-1)[0])
+    return index
+
+
+# ----------------------------------------------------------------------------- dataset
+class OCTLayerDataset(Dataset):
+    """B-scans and boundary coordinates read lazily from one HDF5 file.
+
+    The file is opened on first access in each process (h5py handles survive neither pickling nor
+    fork into loader workers) and one B-scan (one chunk) is read per sample.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        indices: Sequence[int],
+        image_key: str,
+        layer_key: str | None,
+        layer_indices: Sequence[int] | None,
+        image_size: tuple[int, int],
+        output_width: int,
+        channels: int = 3,
+        nan_policy: NanPolicy = "mask",
+        intensity_max: float | None = None,
+        spacing_um: float | None = None,
+        subjects: np.ndarray | None = None,
+        transform: SeededTransform | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.indices = [int(i) for i in indices]
+        self.image_key, self.layer_key = image_key, layer_key
+        self.layer_indices = None if layer_indices is None else list(layer_indices)
+        self.image_size, self.output_width = image_size, output_width
+        self.channels, self.nan_policy, self.intensity_max = channels, nan_policy, intensity_max
+        self.spacing_um = spacing_um
+        self.subjects = subjects
+        self.transform = transform
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _h5(self) -> h5py.File:
+        # A handle inherited through fork is not safe to use in the child: reopen per process.
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def _read_image(self, i: int) -> np.ndarray:
+        raw = self._h5()[self.image_key][i]
+        if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+            raise DataError(f"{self.path}: {self.image_key!r}[{i}] holds non-finite (NaN/inf) pixel values")
+        top = self.intensity_max
+        if top is None:
+            top = float(np.iinfo(raw.dtype).max) if np.issubdtype(raw.dtype, np.integer) else 1.0
+        return raw.astype(np.float32) / np.float32(top)
+
+    def read_target(self, i: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boundary rows of file sample ``i`` at ``output_width`` columns, in input pixels, and validity."""
+        lm = self._h5()[self.layer_key][i].astype(np.float64).T  # (L, W)
+        if self.layer_indices is not None:
+            lm = lm[self.layer_indices]
+        if self.nan_policy == "interpolate":
+            lm = interpolate_gaps(lm)
+        coords, valid = resample_columns(lm, self.output_width)
+        return rescale_rows(coords, height, self.image_size[0]), valid
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = self.indices[index]
+        image = self._read_image(i)
+        h, w = image.shape
+        hi, wi = self.image_size
+        interp = cv2.INTER_AREA if hi * wi < h * w else cv2.INTER_LINEAR
+        image = cv2.resize(image, (wi, hi), interpolation=interp)
+        sample: dict[str, Any] = {
+            "id": f"{i:05d}",
+            "size": torch.tensor([h, w]),
+            "spacing_um": torch.tensor(np.nan if self.spacing_um is None else self.spacing_um, dtype=torch.float32),
+        }
+        if self.subjects is not None:
+            sample["subject"] = str(self.subjects[i])
+        if self.layer_key is not None:
+            coords, valid = self.read_target(i, h)
+            if self.transform is not None:
+                out = self.transform(image=image, coords=coords, valid=valid)
+                image, coords, valid = out["image"], out["coords"], out["valid"]
+            sample["coords"] = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32))
+            sample["valid"] = torch.from_numpy(np.ascontiguousarray(valid))
+        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).clamp_(0, 1)
+        if self.channels == 3:  # replicated grey for ImageNet-pretrained backbones
+            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            sample["image"] = (image.expand(3, -1, -1) - mean) / std
+        else:
+            sample["image"] = ((image - 0.5) / 0.25).unsqueeze(0)
+        return sample
+
+
+# ----------------------------------------------------------------------------- data module
+class OCTLayerDataModule(BaseDataModule):
+    """OCT layer-boundary regression from one HDF5 file, split by subject (or by B-scan), seeded.
+
+    Args:
+        root: the HDF5 file.
+        batch_size, num_workers, seed, eval_batch_size: see :class:`BaseDataModule`.
+        layer_indices: which boundaries of ``layer_maps`` to predict, in anatomical order (top first);
+            ``None`` takes the first and the last, ILM and Bruch's membrane in the Duke exports
+            (Duke DME: ``[0, 7]``, Duke AMD: ``[0, 2]``).
+        image_size: network input size, an int (square) or ``[height, width]``.
+        output_width: number of predicted columns (the boundary rows are resampled to it).
+        channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.
+        image_key, layer_key, subject_key: dataset names in the file (``subject`` is optional).
+        nan_policy: ``mask`` (unannotated columns carry ``valid = False``; losses and metrics ignore
+            them) or ``interpolate`` (interior gaps filled linearly, columns outside the annotation
+            stay masked).
+        val_size, test_size: held-out parts; below 1 a fraction, else a count, of subjects (or of
+            B-scans when the file has no subject dataset).
+        pixel_spacing_um: axial micrometres per original pixel; ``None`` reads the file's
+            ``pixel_spacing_um`` attribute (micrometre metrics are skipped when neither is known).
+        intensity_max: value mapped to white; ``None``: the dtype maximum for integer images, 1.0 for
+            floating-point images.
+        augment: flips, vertical shift/scale, intensity and noise for training.
+        elastic: probability of the column-wise elastic displacement (with ``augment``).
+        predict_root: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
+            the test split.
+
+    B-scans whose chosen boundaries have no annotated column are excluded with a warning naming
+    them; they cannot be scored and nothing is invented for them.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 8,
+        num_workers: int | None = None,
+        seed: int = 42,
+        eval_batch_size: int | None = None,
+        layer_indices: list[int] | None = None,
+        image_size: int | list[int] = 512,
+        output_width: int = 512,
+        channels: Literal[1, 3] = 3,
+        image_key: str = "images",
+        layer_key: str = "layer_maps",
+        subject_key: str | None = "subject",
+        nan_policy: NanPolicy = "mask",
+        val_size: float = 0.15,
+        test_size: float = 0.15,
+        pixel_spacing_um: float | None = None,
+        intensity_max: float | None = None,
+        augment: bool = True,
+        elastic: float = 0.0,
+        predict_root: str | None = None,
+    ) -> None:
+        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        self.save_hyperparameters()
+        if nan_policy not in ("mask", "interpolate"):
+            raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"image_size must be an int or [height, width], not {image_size}")
+        self.image_size = (int(size[0]), int(size[1]))
+        self.layer_indices = layer_indices
+        self.output_width = output_width
+        self.channels = channels
+        self.image_key, self.layer_key, self.subject_key = image_key, layer_key, subject_key
+        self.nan_policy = nan_policy
+        self.val_size, self.test_size = val_size, test_size
+        self.pixel_spacing_um = pixel_spacing_um
+        self.intensity_max = intensity_max
+        self.augment = augment
+        self.elastic = elastic
+        self.predict_root = predict_root
+        self._index: LayerFileIndex | None = None
+        self.splits: dict[str, np.ndarray] = {}
+
+    def _dataset(self, index: LayerFileIndex, ids, layer_key: str | None, transform=None) -> OCTLayerDataset:
+        spacing = self.pixel_spacing_um if self.pixel_spacing_um is not None else index.spacing_um
+        return OCTLayerDataset(
+            index.path,
+            ids,
+            self.image_key,
+            layer_key,
+            index.layer_indices,
+            self.image_size,
+            self.output_width,
+            self.channels,
+            self.nan_policy,
+            self.intensity_max,
+            spacing,
+            index.subjects,
+            transform,
+        )
+
+    def file_index(self) -> LayerFileIndex:
+        """Validate ``root`` once and remember its layout."""
+        if self._index is None:
+            self._index = inspect_layer_file(
+                Path(self.root), self.image_key, self.layer_key, self.layer_indices, self.subject_key
+            )
+        return self._index
+
+    def split(self) -> dict[str, np.ndarray]:
+        """File indices of the train/val/test B-scans: annotated samples only, grouped by subject."""
+        if self.splits:
+            return self.splits
+        index = self.file_index()
+        usable = np.flatnonzero(index.labelled)
+        empty = np.flatnonzero(~index.labelled)
+        if len(empty):
+            warnings.warn(
+                f"{index.path}: {len(empty)} B-scan(s) have no annotated column for the chosen boundaries in "
+                f"{self.layer_key!r} (all NaN) and are excluded: indices {empty[:20].tolist()}"
+                f"{' ...' if len(empty) > 20 else ''}",
+                stacklevel=2,
+            )
+        if len(usable) == 0:
+            raise DataError(f"{index.path}: every B-scan's chosen boundaries in {self.layer_key!r} are all NaN")
+        if index.subjects is None:
+            warnings.warn(
+                f"{index.path}: no {self.subject_key!r} dataset, splitting by B-scan; B-scans of one eye may "
+                f"land in different splits",
+                stacklevel=2,
+            )
+            groups = usable
+        else:
+            groups = index.subjects[usable]
+        parts = split_indices(groups, [self.val_size, self.test_size], self.seed)
+        self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
+        return self.splits
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test") or (stage == "predict" and self.predict_root is None):
+            index = self.file_index()
+            split = self.split()
+        if stage == "fit":
+            transform = None
+            if self.augment:
+                transform = SeededTransform(LayerAugmentation(elastic=self.elastic))  # type: ignore[arg-type]
+            self.train_set = self._dataset(index, split["train"], self.layer_key, transform)
+        if stage in ("fit", "validate"):
+            if len(split["val"]) == 0:
+                raise DataError(f"{index.path}: the validation split is empty (val_size={self.val_size})")
+            self.val_set = self._dataset(index, split["val"], self.layer_key)
+        if stage == "test":
+            if len(split["test"]) == 0:
+                raise DataError(f"{index.path}: the test split is empty (test_size={self.test_size})")
+            self.test_set = self._dataset(index, split["test"], self.layer_key)
+        if stage == "predict":
+            if self.predict_root is None:
+                if len(split["test"]) == 0:
+                    raise DataError(f"{index.path}: no test split to predict (test_size=0); set predict_root")
+                self.predict_set = self._dataset(index, split["test"], self.layer_key)
+            else:
+                # A file to predict need not be annotated; when it is, the boundaries are drawn too.
+                pindex = inspect_layer_file(
+                    Path(self.predict_root),
+                    self.image_key,
+                    self.layer_key,
+                    self.layer_indices,
+                    self.subject_key,
+                    require_layers=False,
+                )
+                layer_key = self.layer_key if pindex.num_boundaries is not None else None
+                self.predict_set = self._dataset(pindex, range(pindex.n), layer_key)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self):
+        return self._loader(self.predict_set, train=False)

@@ -1,0 +1,113 @@
+"""SegFormer (Mix Transformer) backbone + 1-D head that regresses one row per column per boundary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import SegformerConfig, SegformerModel
+
+# Mix Transformer encoder sizes of the SegFormer paper (Xie et al. 2021), as in nvidia/mit-b*.
+MIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "mit-b0": {"hidden_sizes": [32, 64, 160, 256], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
+    "mit-b1": {"hidden_sizes": [64, 128, 320, 512], "depths": [2, 2, 2, 2], "decoder_hidden_size": 256},
+    "mit-b2": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 6, 3], "decoder_hidden_size": 768},
+    "mit-b3": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 4, 18, 3], "decoder_hidden_size": 768},
+    "mit-b4": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 8, 27, 3], "decoder_hidden_size": 768},
+    "mit-b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "decoder_hidden_size": 768},
+}
+
+
+class SegFormerLayerRegressor(nn.Module):
+    """Boundary rows per column from a B-scan: ``(B, C, H, W)`` -> ``(B, num_layers, output_width)``.
+
+    Each encoder stage is projected to ``head_channels``, averaged over height to ``pool_height`` rows
+    and resampled along the width to ``output_width`` columns; the stages are concatenated and a 1-D
+    convolutional head (kernel ``kernel_size`` along the columns, so neighbouring columns inform each
+    other) maps them to one value per boundary and column. The output is the row as a *fraction of
+    the input height* (0 = top, 1 = bottom): targets of order one keep a fresh head's outputs, and
+    Adam's steps, on the right scale whatever the input size. Tasks multiply by the height.
+
+    Args:
+        num_layers: boundaries predicted.
+        output_width: columns predicted.
+        in_channels: input channels (3 for pretrained backbones fed with replicated grey).
+        variant: ``mit-b0`` .. ``mit-b5`` encoder sizes (ignored with ``pretrained``).
+        config: further ``SegformerConfig`` fields, overriding the variant (e.g. a tiny encoder).
+        pretrained: a local directory saved with ``save_pretrained`` (loaded offline); ``None`` builds
+            a randomly initialised encoder.
+        head_channels: width of the head (``None``: the config's ``decoder_hidden_size``).
+        pool_height: rows each stage is pooled to before the head (1 = a plain column average).
+        kernel_size: the head's convolution width along the columns.
+        dropout: dropout in the head; with ``> 0`` tasks can sample it at prediction (MC dropout).
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 2,
+        output_width: int = 512,
+        in_channels: int = 3,
+        variant: str = "mit-b0",
+        config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        head_channels: int | None = None,
+        pool_height: int = 1,
+        kernel_size: int = 5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pretrained is not None:
+            path = Path(pretrained)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{path}: not a local pretrained SegFormer directory (no config.json); save one with "
+                    f"SegformerModel.save_pretrained(...) - hub names are not downloaded"
+                )
+            self.backbone = SegformerModel.from_pretrained(str(path), local_files_only=True, **(config or {}))
+            if self.backbone.config.num_channels != in_channels:
+                raise ValueError(
+                    f"{path}: the pretrained encoder takes {self.backbone.config.num_channels} input channels, "
+                    f"not in_channels={in_channels}; feed grey replicated to 3 channels (data channels=3)"
+                )
+        else:
+            if variant not in MIT_VARIANTS:
+                raise ValueError(f"unknown SegFormer variant {variant!r}; choose one of {sorted(MIT_VARIANTS)}")
+            kwargs = {**MIT_VARIANTS[variant], **(config or {}), "num_channels": in_channels}
+            self.backbone = SegformerModel(SegformerConfig(**kwargs))
+        cfg = self.backbone.config
+        d = head_channels or cfg.decoder_hidden_size
+        self.num_layers, self.output_width, self.pool_height = num_layers, output_width, pool_height
+        self.project = nn.ModuleList(nn.Conv2d(c, d, 1) for c in cfg.hidden_sizes)
+        self.head = nn.Sequential(
+            nn.Conv1d(d * len(cfg.hidden_sizes) * pool_height, d, 1),
+            nn.BatchNorm1d(d),
+            nn.GELU(),
+            nn.Conv1d(d, d, kernel_size, padding=kernel_size // 2),
+            nn.BatchNorm1d(d),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Conv1d(d, num_layers, 1),
+        )
+        # Start at mid-height: a fresh network then errs by at most half an image.
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.constant_(self.head[-1].bias, 0.5)
+
+    def pooled_features(self, x: Tensor) -> Tensor:
+        """``(B, D * stages * pool_height, output_width)`` column features."""
+        stages = self.backbone(pixel_values=x, output_hidden_states=True).hidden_states
+        columns = []
+        for proj, feat in zip(self.project, stages, strict=True):
+            # Average over columns when the stage is wider than the output, interpolate when narrower.
+            width = min(feat.shape[-1], self.output_width)
+            f = F.adaptive_avg_pool2d(proj(feat), (self.pool_height, width))
+            f = f.flatten(1, 2)  # pooled rows become channels: they keep coarse vertical position
+            if width != self.output_width:
+                f = F.interpolate(f, size=self.output_width, mode="linear", align_corners=False)
+            columns.append(f)
+        return torch.cat(columns, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pooled_features(x))

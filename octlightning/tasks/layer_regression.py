@@ -1,0 +1,320 @@
+"""OCT layer-boundary regression: one row per column per boundary, NaN-masked losses and metrics.
+
+Any ``nn.Module`` mapping ``(B, C, H, W)`` to ``(B, L, W_out)`` rows as fractions of the input height
+(e.g. :class:`~octlightning.models.layer_regression.SegFormerLayerRegressor`) can be trained. Batches
+are dicts with ``image``, ``coords`` ``(B, L, W_out)`` rows in input pixels (NaN where unannotated),
+``valid`` ``(B, L, W_out)``, ``size`` (original height, width), ``spacing_um`` (axial um per original
+pixel, NaN when unknown), ``id`` and optionally ``subject`` (see
+:mod:`octlightning.data.oct_layers`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+
+from octlightning.data.oct_layers import resample_columns, rescale_rows
+from octlightning.losses import masked_regression_loss
+from octlightning.metrics import BoundaryError, boundary_abs_errors
+from octlightning.tasks.base import BaseTask
+from octlightning.visualize import PALETTE, save_png, to_display
+
+
+def draw_boundaries(
+    image: np.ndarray,
+    rows: np.ndarray,
+    valid: np.ndarray | None = None,
+    colors: list[tuple[int, int, int]] | None = None,
+    width: int = 1,
+) -> np.ndarray:
+    """Draw boundaries ``(L, W_out)`` (rows in ``image`` pixels) as polylines over an ``(H, W, 3)`` image.
+
+    Columns are placed with the resize convention (column ``j`` of ``W_out`` at
+    ``(j + 0.5) * W / W_out - 0.5``); lines break at invalid (unannotated) columns.
+    """
+    h, w = image.shape[:2]
+    canvas = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(canvas)
+    rows = np.asarray(rows, dtype=np.float64)
+    ok = np.isfinite(rows) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(rows)
+    xs = (np.arange(rows.shape[-1]) + 0.5) * w / rows.shape[-1] - 0.5
+    for k in range(rows.shape[0]):
+        color = colors[k] if colors else tuple(int(c) for c in PALETTE[1 + k % (len(PALETTE) - 1)])
+        run: list[tuple[float, float]] = []
+        for x, y, good in zip(xs, rows[k], ok[k], strict=True):
+            if good:
+                run.append((float(x), float(y)))
+            if (not good or x == xs[-1]) and run:
+                if len(run) == 1:
+                    draw.point(run, fill=color)
+                else:
+                    draw.line(run, fill=color, width=width)
+                run = []
+    return np.asarray(canvas)
+
+
+class LayerRegressionTask(BaseTask):
+    """Boundary-row regression LightningModule.
+
+    The loss compares rows in network-input pixels over annotated columns only
+    (:func:`~octlightning.losses.masked_regression_loss`); metrics are in pixels of the *original*
+    image and in micrometres: ``{stage}/mae_px`` (mean over boundaries, the checkpoint monitor),
+    ``{stage}/mae_px_<name>``, ``{stage}/mae_um[_<name>]`` and ``{stage}/thickness_mae_px|um`` for the
+    thickness between the ``thickness_between`` boundaries (ILM -> BM by default).
+
+    Args:
+        net: network returning ``(B, L, W_out)`` rows as fractions of the input height.
+        boundary_names: one name per predicted boundary, top first (metric and CSV column names);
+            default ``["ILM", "BM"]``.
+        loss: ``mse`` (the published default), ``l1`` or ``smooth_l1`` (beta = 1 input pixel).
+        order_weight: weight of a penalty on boundaries out of anatomical order (each boundary should
+            lie at or below the one above it, e.g. BM below ILM): mean squared violation in pixels.
+        thickness_between: indices (into ``boundary_names``) of the upper and lower boundary whose
+            distance is the thickness; ``None`` disables thickness metrics and outputs.
+        mc_samples: at ``predict``, run the network this many times with its dropout active and
+            write the mean and standard deviation (MC dropout; the net needs ``dropout > 0``).
+        monitor, monitor_mode: checkpoint / early-stopping metric (``val/mae_px``, minimised).
+        lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile: see
+            :class:`~octlightning.tasks.base.BaseTask`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        boundary_names: list[str] | None = None,
+        loss: Literal["mse", "l1", "smooth_l1"] = "mse",
+        order_weight: float = 0.0,
+        thickness_between: tuple[int, int] | None = (0, -1),
+        mc_samples: int = 0,
+        monitor: str = "val/mae_px",
+        monitor_mode: Literal["min", "max"] = "min",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        optimizer: Literal["adam", "adamw", "sgd"] = "adamw",
+        scheduler: Literal["none", "cosine", "plateau", "step"] = "none",
+        warmup_epochs: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile)
+        # mc_samples is a prediction-time choice: kept out of the checkpoint's hyperparameters, which
+        # LightningCLI would otherwise apply over the command line when given --ckpt_path.
+        self.save_hyperparameters(ignore=["net", "mc_samples"])
+        if loss not in ("mse", "l1", "smooth_l1"):
+            raise ValueError(f"unknown regression loss {loss!r}; choose mse, l1 or smooth_l1")
+        self.net = net
+        self.boundary_names = list(boundary_names or ["ILM", "BM"])
+        n = len(self.boundary_names)
+        self.loss_kind = loss
+        self.order_weight = order_weight
+        self.thickness_between: tuple[int, int] | None = None
+        if thickness_between is not None and n > 1:
+            up, low = (int(k) % n for k in thickness_between)
+            if up == low:
+                raise ValueError(f"thickness_between {thickness_between} names one boundary twice")
+            self.thickness_between = (up, low)
+        self.mc_samples = mc_samples
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
+        self.val_metrics = BoundaryError(n, self.thickness_between)
+        self.test_metrics = BoundaryError(n, self.thickness_between)
+        self.val_loss = torchmetrics.MeanMetric()
+
+    # ----------------------------------------------------------------- helpers
+    def forward(self, x: Tensor) -> Tensor:
+        """Rows in input pixels ``(B, L, W_out)``."""
+        return self.run_net(x).float() * x.shape[-2]
+
+    def _check(self, pred: Tensor, batch: dict[str, Any]) -> None:
+        n = len(self.boundary_names)
+        if pred.ndim != 3 or pred.shape[1] != n:
+            raise ValueError(
+                f"the network returned shape {tuple(pred.shape)}, expected (B, {n}, W) for boundaries "
+                f"{self.boundary_names}; make the net's num_layers, boundary_names and the data's "
+                f"layer_indices agree"
+            )
+        if "coords" in batch and batch["coords"].shape != pred.shape:
+            raise ValueError(
+                f"the network predicts {tuple(pred.shape[1:])} (boundaries, columns) but the batch holds targets "
+                f"{tuple(batch['coords'].shape[1:])}; make the net's num_layers/output_width and the data's "
+                f"layer_indices/output_width agree"
+            )
+
+    def row_scale(self, batch: dict[str, Any]) -> Tensor:
+        """Original rows per input row, ``(B,)``."""
+        return batch["size"][:, 0].to(torch.float32) / batch["image"].shape[-2]
+
+    def order_penalty(self, pred: Tensor) -> Tensor:
+        """Mean squared amount (input pixels) by which a boundary lies above the one before it."""
+        if pred.shape[1] < 2:
+            return pred.new_zeros(())
+        return F.relu(pred[:, :-1] - pred[:, 1:]).pow(2).mean()
+
+    def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        pred = self(batch["image"])
+        self._check(pred, batch)
+        loss = masked_regression_loss(pred, batch["coords"].float(), batch["valid"], self.loss_kind)
+        if self.order_weight > 0:
+            loss = loss + self.order_weight * self.order_penalty(pred)
+        return pred, loss
+
+    def _update(self, metrics: BoundaryError, pred: Tensor, batch: dict[str, Any]) -> None:
+        metrics.update(pred.detach(), batch["coords"], batch["valid"], self.row_scale(batch), batch["spacing_um"])
+
+    def _log_metrics(self, metrics: BoundaryError, prefix: str) -> dict[str, float]:
+        values = metrics.compute()  # synced over DDP ranks by torchmetrics
+        metrics.reset()
+        flat: dict[str, Tensor] = {}
+        for unit in ("px", "um"):
+            per = values[f"mae_{unit}"]
+            if torch.isfinite(per).any():
+                flat[f"{prefix}/mae_{unit}"] = per[torch.isfinite(per)].mean()
+            for name, v in zip(self.boundary_names, per, strict=True):
+                if torch.isfinite(v):
+                    flat[f"{prefix}/mae_{unit}_{name}"] = v
+            t = values.get(f"thickness_mae_{unit}")
+            if t is not None and torch.isfinite(t):
+                flat[f"{prefix}/thickness_mae_{unit}"] = t
+        for key, value in flat.items():
+            self.log(key, value.float(), prog_bar=key == f"{prefix}/mae_px")
+        return {k: float(v) for k, v in flat.items()}
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        _, loss = self._step(batch)
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["id"]), sync_dist=True
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
+        pred, loss = self._step(batch)
+        self.val_loss.update(loss.detach(), weight=len(batch["id"]))
+        self._update(self.val_metrics, pred, batch)
+        return {"pred": pred.detach()} if batch_idx == 0 else None
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
+        self._log_metrics(self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred, _ = self._step(batch)
+        self._update(self.test_metrics, pred, batch)
+        e = boundary_abs_errors(pred, batch["coords"], batch["valid"], self.row_scale(batch), self.thickness_between)
+        n = e["valid"].sum(-1)
+        mae = (e["err"].sum(-1) / n).cpu()  # (B, L), NaN where a boundary has no annotated column
+        thick = None
+        if self.thickness_between is not None:
+            thick = (e["thickness_err"].sum(-1) / e["thickness_valid"].sum(-1)).cpu()
+        for i, sample_id in enumerate(batch["id"]):
+            row: dict[str, Any] = {"id": sample_id}
+            if "subject" in batch:
+                row["subject"] = batch["subject"][i]
+            px = {
+                "mae_px": mae[i].nanmean(),
+                **{f"mae_px_{k}": v for k, v in zip(self.boundary_names, mae[i], strict=True)},
+            }
+            if thick is not None:
+                px["thickness_mae_px"] = thick[i]
+            row.update({k: float(v) for k, v in px.items()})
+            spacing = float(batch["spacing_um"][i])
+            if np.isfinite(spacing):
+                row.update({k.replace("_px", "_um"): float(v) * spacing for k, v in px.items()})
+            row.update({f"columns_{k}": int(c) for k, c in zip(self.boundary_names, n[i], strict=True)})
+            self.add_result_row(row)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+        self.write_csv(self.gather_result_rows(), "test_metrics.csv")
+
+    # ----------------------------------------------------------------- prediction
+    def sample_mc_dropout(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation of ``samples`` passes with dropout active (rest in eval mode)."""
+        dropouts = [m for m in self.net.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+        if not dropouts:
+            raise ValueError("mc_samples > 0 needs dropout in the network (e.g. net dropout > 0)")
+        for m in dropouts:
+            m.train()
+        try:
+            draws = torch.stack([self(x) for _ in range(samples)])
+        finally:
+            for m in dropouts:
+                m.eval()
+        return draws.mean(0), draws.std(0)
+
+    def to_original(self, rows: Tensor, size: Tensor, input_height: int) -> np.ndarray:
+        """Rows ``(L, W_out)`` in input pixels -> ``(L, W_orig)`` rows in original pixels, per original column."""
+        h, w = (int(v) for v in size)
+        out, _ = resample_columns(rows.detach().cpu().double().numpy(), w)
+        return rescale_rows(out, input_height, h)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        std = None
+        if self.mc_samples > 0:
+            pred, std = self.sample_mc_dropout(x, self.mc_samples)
+        else:
+            pred = self(x)
+        self._check(pred, batch)
+        out = self.run_dir / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, sample_id in enumerate(batch["id"]):
+            spacing = float(batch["spacing_um"][i]) if "spacing_um" in batch else float("nan")
+            rows = self.to_original(pred[i], batch["size"][i], x.shape[-2])
+            np.save(out / f"{sample_id}_boundaries.npy", rows.astype(np.float32))
+            table = {name: rows[k] for k, name in enumerate(self.boundary_names)}
+            if self.thickness_between is not None:
+                up, low = self.thickness_between
+                thick = rows[low] - rows[up]
+                np.save(out / f"{sample_id}_thickness.npy", thick.astype(np.float32))
+                table["thickness_px"] = thick
+                if np.isfinite(spacing):
+                    table["thickness_um"] = thick * spacing
+            if std is not None:
+                # A standard deviation scales with the rows but has no offset: scale only.
+                s, _ = resample_columns(std[i].cpu().double().numpy(), rows.shape[1])
+                s = s * float(batch["size"][i][0]) / x.shape[-2]
+                np.save(out / f"{sample_id}_std.npy", s.astype(np.float32))
+                table.update({f"{name}_std": s[k] for k, name in enumerate(self.boundary_names)})
+            _write_table(table, out / f"{sample_id}_boundaries.csv")
+            save_png(self._overlay(batch, i, pred[i], original=True), out / f"{sample_id}_overlay.png")
+
+    # ----------------------------------------------------------------- overlays
+    def _overlay(self, batch: dict[str, Any], i: int, pred: Tensor, original: bool = False) -> np.ndarray:
+        """The B-scan with the reference (white, when known) and the predicted boundaries (colours)."""
+        image = batch["image"][i]
+        h_in = image.shape[-2]
+        if original:  # back to the original size, so that the picture matches the written coordinates
+            h, w = (int(v) for v in batch["size"][i])
+            image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+        canvas = to_display(image)
+
+        def rows(t: Tensor) -> np.ndarray:
+            return rescale_rows(t.detach().float().cpu().numpy(), h_in, canvas.shape[0])
+
+        if "coords" in batch:
+            white = [(255, 255, 255)] * len(self.boundary_names)
+            canvas = draw_boundaries(canvas, rows(batch["coords"][i]), batch["valid"][i].cpu().numpy(), white)
+        return draw_boundaries(canvas, rows(pred))
+
+    def overlay_images(self, batch: dict[str, Any], outputs: dict[str, Tensor]) -> list[tuple[str, np.ndarray]]:
+        """First validation batch as overlays for :class:`~octlightning.callbacks.LogOverlays`."""
+        return [(str(sid), self._overlay(batch, i, outputs["pred"][i])) for i, sid in enumerate(batch["id"])]
+
+
+def _write_table(columns: dict[str, np.ndarray], path: Path) -> None:
+    """One CSV row per original image column: its index, then the given values (NaN written empty)."""
+    names = list(columns)
+    data = np.stack([np.asarray(columns[n], dtype=np.float64) for n in names], axis=1)
+    with open(path, "w") as fh:
+        fh.write(",".join(["column", *names]) + "\n")
+        for j, r in enumerate(data):
+            fh.write(",".join([str(j), *(f"{v:.3f}" if np.isfinite(v) else "" for v in r)]) + "\n")

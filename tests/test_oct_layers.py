@@ -1,0 +1,492 @@
+"""OCT layer-boundary regression: HDF5 DataModule, coordinate geometry, masked losses/metrics, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from octlightning.cli import run_cli
+from octlightning.data.base import DataError
+from octlightning.data.oct_layers import (
+    LayerAugmentation,
+    OCTLayerDataModule,
+    interpolate_gaps,
+    resample_columns,
+    rescale_rows,
+)
+from octlightning.data.transforms import SeededTransform
+from octlightning.metrics import BoundaryError
+from octlightning.models.layer_regression import SegFormerLayerRegressor
+from octlightning.tasks.layer_regression import LayerRegressionTask
+from tests.conftest import REPO, shared
+
+H, W, N, L = 48, 40, 12, 3
+EMPTY = 5  # a B-scan whose chosen boundaries are all NaN
+TINY_SEGFORMER = '{"hidden_sizes": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 1, 1]}'
+
+
+def boundary_rows(n: int) -> np.ndarray:
+    """``(W, L)`` rows: straight, sloped lines (linear, so resampling them is exact between columns)."""
+    x = np.arange(W)
+    return np.stack([8 + n % 3 + 12 * k + 0.15 * x for k in range(L)], axis=1)
+
+
+def write_layer_file(path: Path, **overrides) -> Path:
+    """12 B-scans of 4 subjects, Duke-style: NaN outside the annotated columns, an interior gap, fluid.
+
+    The band between boundaries 0 and 1 is bright, so registration of image and rows can be checked.
+    """
+    images = np.full((N, H, W), 20, np.uint8)
+    maps = np.empty((N, W, L), np.float32)
+    for n in range(N):
+        maps[n] = boundary_rows(n)
+        for x in range(W):
+            images[n, int(np.ceil(maps[n, x, 0])) : int(maps[n, x, 1]) + 1, x] = 220
+    maps[:, :3] = np.nan  # outside the annotated columns
+    maps[:, 20:23, 1] = np.nan  # hidden by fluid
+    maps[EMPTY, :, [0, 2]] = np.nan
+    data = {
+        "images": images,
+        "layer_maps": maps,
+        "subject": np.repeat(np.arange(1, 5), 3).astype(np.int16),
+        "fluid_masks": np.zeros((N, H, W), np.uint8),
+    }
+    data.update(overrides)
+    with h5py.File(path, "w") as f:
+        for key, value in data.items():
+            if value is not None:
+                f.create_dataset(key, data=value, chunks=(1, *value.shape[1:]) if value.ndim == 3 else None)
+        f.attrs["pixel_spacing_um"] = 3.87
+    return path
+
+
+@pytest.fixture(scope="module")
+def h5file(tmp_path_factory) -> Path:
+    return write_layer_file(tmp_path_factory.mktemp("oct") / "layers.h5")
+
+
+def _dm(root, **kw) -> OCTLayerDataModule:
+    args = {"batch_size": 2, "num_workers": 0, "layer_indices": [0, 2], "image_size": [H, W], "output_width": W}
+    args.update({"val_size": 1, "test_size": 1})  # one subject each
+    args.update(kw)
+    return OCTLayerDataModule(str(root), **args)
+
+
+# ----------------------------------------------------------------------------- coordinate geometry
+def test_column_resampling_is_exact_for_lines_and_round_trips():
+    y = 3.0 + 0.5 * np.arange(40.0)
+    down, valid = resample_columns(y, 32)
+    assert valid.all()
+    pos = (np.arange(32) + 0.5) * 40 / 32 - 0.5  # resize convention: column centres
+    np.testing.assert_allclose(down, 3.0 + 0.5 * pos)
+    back, _ = resample_columns(down, 40)
+    np.testing.assert_allclose(back[1:-1], y[1:-1], atol=1e-9)  # edge columns are clamped, as resize does
+
+
+def test_resampling_never_leaks_nan_and_marks_bridging_columns_invalid():
+    y = np.arange(10.0)
+    y[4] = np.nan
+    out, valid = resample_columns(y, 20)
+    assert np.isnan(out[~valid]).all() and np.isfinite(out[valid]).all()
+    pos = (np.arange(20) + 0.5) * 10 / 20 - 0.5
+    touches_gap = (np.floor(pos) == 4) | ((np.floor(pos) == 3) & (pos > 3))
+    assert (~valid == touches_gap).all()
+
+
+def test_row_scaling_matches_cv2_resize():
+    """A bright row at y lands, after resizing the image, at rescale_rows(y): both use pixel centres."""
+    for y0, src, dst in [(10, 48, 96), (30, 48, 64), (7, 40, 100)]:
+        image = np.zeros((src, 8), np.float32)
+        image[y0] = 1.0
+        resized = cv2.resize(image, (8, dst), interpolation=cv2.INTER_LINEAR)[:, 4]
+        centroid = (resized * np.arange(dst)).sum() / resized.sum()
+        assert centroid == pytest.approx(rescale_rows(y0, src, dst), abs=0.05)  # y * dst / src is 0.17-0.75 off
+        assert rescale_rows(rescale_rows(y0, src, dst), dst, src) == pytest.approx(y0)
+
+
+def test_interpolation_fills_interior_gaps_only():
+    y = np.array([np.nan, 1.0, np.nan, np.nan, 4.0, np.nan])
+    np.testing.assert_array_equal(interpolate_gaps(y), [np.nan, 1, 2, 3, 4, np.nan])
+
+
+# ----------------------------------------------------------------------------- data module
+def test_samples_carry_masked_targets_in_input_pixels(h5file):
+    dm = _dm(h5file, image_size=[96, 80], output_width=20, augment=False)
+    dm.setup("fit")
+    sample = dm.val_set[0]
+    n = int(sample["id"])
+    assert sample["image"].shape == (3, 96, 80)
+    assert sample["coords"].shape == sample["valid"].shape == (2, 20)
+    assert sample["size"].tolist() == [H, W] and sample["spacing_um"] == pytest.approx(3.87)
+    want, valid = resample_columns(boundary_rows(n)[:, [0, 2]].T, 20)
+    valid[:, :2] = False  # output columns touching the 3 unannotated source columns
+    assert (sample["valid"].numpy() == valid).all()
+    np.testing.assert_allclose(sample["coords"][valid].numpy(), rescale_rows(want, H, 96)[valid], atol=1e-4)
+    assert torch.isnan(sample["coords"][~sample["valid"]]).all()
+
+
+def test_subject_split_is_seeded_disjoint_and_excludes_unannotated_scans(h5file):
+    with pytest.warns(UserWarning, match=rf"layers.h5.*excluded: indices \[{EMPTY}\]"):
+        dm = _dm(h5file, seed=3)
+        dm.setup("fit")
+    dm.setup("test")
+    subjects = {k: {int(dm.file_index().subjects[i]) for i in v} for k, v in dm.splits.items()}
+    assert sum(len(s) for s in subjects.values()) == 4
+    assert not (subjects["train"] & subjects["val"] or subjects["train"] & subjects["test"])
+    assert not subjects["val"] & subjects["test"]
+    used = np.concatenate(list(dm.splits.values()))
+    assert sorted(used) == [i for i in range(N) if i != EMPTY]
+    again = _dm(h5file, seed=3)
+    again.setup("fit")
+    assert all((again.splits[k] == dm.splits[k]).all() for k in dm.splits)
+
+
+def test_without_subjects_the_split_is_by_bscan(tmp_path):
+    path = write_layer_file(tmp_path / "nosubj.h5", subject=None)
+    dm = _dm(path, val_size=0.2, test_size=2)
+    with pytest.warns(UserWarning, match="splitting by B-scan"):
+        dm.setup("fit")
+    assert (len(dm.splits["val"]), len(dm.splits["test"])) == (2, 2)
+
+
+def test_interpolate_policy_bridges_the_fluid_gap(h5file):
+    masked = _dm(h5file, layer_indices=[1], augment=False)
+    filled = _dm(h5file, layer_indices=[1], augment=False, nan_policy="interpolate")
+    for dm in (masked, filled):
+        dm.setup("fit")
+    a, b = masked.val_set[0], filled.val_set[0]
+    assert not a["valid"][0, 20:23].any() and b["valid"][0, 20:23].all()
+    assert not b["valid"][0, :3].any()  # outside the annotation nothing is invented
+    np.testing.assert_allclose(b["coords"][0, 19:24].numpy(), boundary_rows(int(b["id"]))[19:24, 1], atol=1e-4)
+
+
+def test_loader_workers_open_the_file_themselves(h5file):
+    dm = _dm(h5file, num_workers=1, augment=False)
+    dm.setup("fit")
+    dm.val_set[0]  # opens a handle in this process; it must not travel into the worker
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (2, 3, H, W) and batch["valid"].dtype == torch.bool
+
+
+def _band_contrast(sample) -> float:
+    """Image value on the bright band (between the two rows) minus 4 px above the upper row."""
+    img = sample["image"][0].numpy()
+    xs = np.arange(img.shape[1])
+    ok = sample["valid"].all(0).numpy()
+    top, bottom = sample["coords"][0].numpy()[ok], sample["coords"][1].numpy()[ok]
+    inside = img[np.round((top + bottom) / 2).astype(int), xs[ok]]
+    above = img[np.clip(np.round(top - 4).astype(int), 0, None), xs[ok]]
+    return float(np.mean(inside - above))
+
+
+def test_geometric_augmentation_moves_rows_with_the_image(h5file):
+    dm = _dm(h5file, layer_indices=[0, 1], augment=False)
+    dm.setup("fit")
+    plain = dm.val_set[0]
+    aug = LayerAugmentation(hflip=0.5, shift=0.1, scale=0.15, elastic=1.0, elastic_amplitude=0.08)
+    aug.photometric = None
+    dm.val_set.transform = SeededTransform(aug)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    moved = 0
+    for _ in range(6):
+        sample = dm.val_set[0]
+        ok = sample["valid"].all(0) & plain["valid"].all(0)
+        moved += float((sample["coords"][:, ok] - plain["coords"][:, ok]).abs().mean()) > 1
+        # the rows still sit on the bright band, wherever the image moved
+        assert _band_contrast(sample) > 0.8 * _band_contrast(plain)
+    assert moved >= 4
+
+
+def test_horizontal_flip_reverses_columns_and_round_trips(h5file):
+    dm = _dm(h5file, augment=False, output_width=W)
+    dm.setup("fit")
+    plain = dm.val_set[0]
+    flip = LayerAugmentation(hflip=1.0, shift=0, scale=0, brightness_contrast=0, speckle=0, noise=0)
+    dm.val_set.transform = SeededTransform(flip)  # type: ignore[arg-type]
+    flipped = dm.val_set[0]
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))
+    assert torch.equal(flipped["valid"], plain["valid"].flip(-1))
+    np.testing.assert_array_equal(flipped["coords"].flip(-1).numpy(), plain["coords"].numpy())
+    twice = flip(flipped["image"][0].numpy(), flipped["coords"].numpy(), flipped["valid"].numpy())
+    np.testing.assert_array_equal(twice["coords"], plain["coords"].numpy())
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("overrides", "kw", "message"),
+    [
+        ({"layer_maps": None}, {}, "no dataset 'layer_maps'"),
+        ({"images": np.zeros((N, H), np.uint8)}, {}, r"'images' has shape \(12, 48\)"),
+        ({"layer_maps": np.zeros((N, W, L, 1), np.float32)}, {}, "'layer_maps'.*3 dimensions"),
+        ({"layer_maps": np.full((N, L, W), 10, np.float32)}, {}, r"stored as \(N, L, W\)"),
+        ({"layer_maps": np.full((N - 1, W, L), 10, np.float32)}, {}, "12 B-scans but 'layer_maps' holds 11"),
+        ({}, {"layer_indices": [0, 3]}, r"layer_indices \[0, 3\] out of range.*3 boundaries"),
+        ({"layer_maps": np.full((N, W, L), np.nan, np.float32)}, {}, "'layer_maps' are all NaN"),
+        ({"layer_maps": np.full((N, W, L), np.inf, np.float32)}, {}, r"'layer_maps'\[0\] holds infinite"),
+        ({"layer_maps": np.full((N, W, L), 500, np.float32)}, {}, "rows outside the image"),
+        ({"subject": np.arange(3)}, {}, "'subject' has 3 entries"),
+    ],
+)
+def test_bad_files_are_errors_naming_file_and_dataset(tmp_path, overrides, kw, message):
+    path = write_layer_file(tmp_path / "bad.h5", **overrides)
+    with pytest.raises(DataError, match=f"bad.h5.*{message}"):
+        _dm(path, **kw).setup("fit")
+
+
+def test_non_finite_pixels_are_an_error_naming_the_bscan(tmp_path):
+    images = np.full((N, H, W), 0.5, np.float32)
+    images[7, 3, 3] = np.nan
+    path = write_layer_file(tmp_path / "nanimg.h5", images=images)
+    dm = _dm(path, augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    ds = next(s for s in (dm.train_set, dm.val_set, dm.test_set) if 7 in s.indices)
+    with pytest.raises(DataError, match=r"nanimg.h5: 'images'\[7\] holds non-finite"):
+        ds[ds.indices.index(7)]
+
+
+def test_layer_key_is_configurable_like_the_duke_amd_export(tmp_path):
+    path = write_layer_file(tmp_path / "amd.h5", layer_maps=None, layerMaps=np.full((N, W, L), 12, np.float32))
+    dm = _dm(path, layer_key="layerMaps", layer_indices=None, augment=False)  # default: first and last
+    dm.setup("fit")
+    assert dm.val_set.layer_indices == [0, 2]
+    assert dm.val_set[0]["valid"].all()
+
+
+# ----------------------------------------------------------------------------- losses and metrics
+class Fixed(nn.Module):
+    """A stand-in network returning given rows (as fractions of the input height)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.rows = rows
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows / x.shape[-2] + self.p
+
+
+def _batch(coords, valid, height=64):
+    b = coords.shape[0]
+    return {
+        "image": torch.zeros(b, 1, height, 8),
+        "coords": coords,
+        "valid": valid,
+        "size": torch.tensor([[2 * height, 16]] * b),
+        "spacing_um": torch.full((b,), 4.0),
+        "id": [f"{i}" for i in range(b)],
+    }
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1", "smooth_l1"])
+def test_masked_loss_equals_loss_over_valid_columns(kind):
+    torch.manual_seed(0)
+    pred = torch.rand(3, 2, 8) * 64
+    coords = torch.rand(3, 2, 8) * 64
+    valid = torch.rand(3, 2, 8) > 0.4
+    coords[~valid] = float("nan")
+    task = LayerRegressionTask(Fixed(pred), loss=kind)
+    _, loss = task._step(_batch(coords, valid))
+    fn = {"mse": F.mse_loss, "l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}[kind]
+    assert loss.item() == pytest.approx(fn(pred[valid], coords[valid]).item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(task.net.p.grad)
+
+
+def test_order_penalty_only_for_boundaries_out_of_order():
+    task = LayerRegressionTask(Fixed(torch.zeros(1)), order_weight=1.0)
+    assert task.order_penalty(torch.tensor([[[10.0, 10.0], [20.0, 10.0]]])) == 0
+    assert task.order_penalty(torch.tensor([[[30.0, 10.0], [20.0, 10.0]]])) == pytest.approx(100 / 2)
+
+
+def test_boundary_error_in_original_pixels_micrometres_and_thickness():
+    target = torch.tensor([[[10.0, 10.0, 10.0], [20.0, 20.0, float("nan")]]])
+    pred = torch.tensor([[[11.0, 12.0, 13.0], [20.0, 24.0, 0.0]]])
+    valid = torch.isfinite(target)
+    metric = BoundaryError(2, (0, 1))
+    metric.update(pred, target, valid, torch.tensor([2.0]), torch.tensor([3.87]))
+    out = metric.compute()
+    # ILM: |1|,|2|,|3| -> 2 input px -> 4 original px; BM: 0, 4 -> 2 -> 4 original px
+    assert out["mae_px"].tolist() == pytest.approx([4.0, 4.0])
+    assert out["mae_um"].tolist() == pytest.approx([4.0 * 3.87, 4.0 * 3.87])
+    # thickness (BM - ILM) errors where both are annotated: -1, +2 -> mean 1.5 input px
+    assert float(out["thickness_mae_px"]) == pytest.approx(3.0)
+    # batching does not change the epoch value (sum states, as synced under DDP)
+    halves = BoundaryError(2, (0, 1))
+    for cols in (slice(0, 1), slice(1, 3)):
+        halves.update(pred[..., cols], target[..., cols], valid[..., cols], torch.tensor([2.0]), torch.tensor([3.87]))
+    assert torch.allclose(halves.compute()["mae_px"], out["mae_px"])
+    # unknown spacing: pixels still counted, micrometres not
+    unknown = BoundaryError(2)
+    unknown.update(pred, target, valid, torch.tensor([2.0]), torch.tensor([float("nan")]))
+    assert torch.isnan(unknown.compute()["mae_um"]).all() and unknown.compute()["mae_px"][0] == pytest.approx(4.0)
+
+
+def test_predictions_map_back_to_original_columns_and_rows(h5file):
+    dm = _dm(h5file, image_size=[96, 64], output_width=24, augment=False)
+    dm.setup("fit")
+    sample = dm.val_set[0]
+    task = LayerRegressionTask(Fixed(torch.zeros(1)))
+    truth = boundary_rows(int(sample["id"]))[:, [0, 2]].T
+    rows = task.to_original(torch.nan_to_num(sample["coords"]), sample["size"], 96)
+    assert rows.shape == (2, W)
+    np.testing.assert_allclose(rows[:, 5:-1], truth[:, 5:-1], atol=1e-4)  # away from the NaN/clamped edges
+
+
+# ----------------------------------------------------------------------------- model
+def test_segformer_regressor_shapes_and_local_pretrained_directory(tmp_path):
+    from transformers import SegformerConfig, SegformerModel
+
+    cfg = json.loads(TINY_SEGFORMER)
+    net = SegFormerLayerRegressor(num_layers=3, output_width=24, in_channels=1, config=cfg, pool_height=2, dropout=0.2)
+    out = net(torch.randn(2, 1, 64, 48))
+    assert out.shape == (2, 3, 24)
+    assert torch.allclose(out, torch.full_like(out, 0.5))  # a fresh head starts at mid-height
+    saved = SegformerModel(SegformerConfig(num_channels=3, **cfg))
+    saved.save_pretrained(tmp_path / "mit")
+    loaded = SegFormerLayerRegressor(output_width=16, pretrained=str(tmp_path / "mit"))
+    for key, value in saved.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        SegFormerLayerRegressor(pretrained=str(tmp_path / "nvidia-mit-b0"))
+
+
+# ----------------------------------------------------------------------------- CLI
+CONFIG = str(REPO / "hparams" / "oct_segformer.json")
+
+
+def _cli_args(subcommand: str, root: Path, runs: Path, *extra: str, fast: bool = True) -> list[str]:
+    """The published config on the fixture with a tiny SegFormer; ``fast=False`` runs every batch."""
+    return [
+        subcommand,
+        "--config",
+        CONFIG,
+        "--data.init_args.root",
+        str(root),
+        "--data.init_args.image_size",
+        "64",
+        "--data.init_args.output_width",
+        "32",
+        "--data.init_args.layer_indices",
+        "[0, 2]",
+        "--data.init_args.val_size",
+        "1",
+        "--data.init_args.test_size",
+        "1",
+        "--data.init_args.batch_size",
+        "2",
+        "--data.init_args.num_workers",
+        "0",
+        "--model.init_args.net.init_args.output_width",
+        "32",
+        "--model.init_args.net.init_args.head_channels",
+        "8",
+        "--model.init_args.net.init_args.config",
+        TINY_SEGFORMER,
+        "--trainer.default_root_dir",
+        str(runs),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *(["--trainer.fast_dev_run", "true"] if fast else ["--comet", "false"]),
+        *extra,
+    ]
+
+
+def test_published_config_fits_one_fast_dev_run_step(h5file, tmp_path):
+    cli = run_cli(_cli_args("fit", h5file, tmp_path))
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["val/mae_px"])
+
+
+def test_fit_checkpoints_on_boundary_error_then_test_and_predict_write_results(h5file, tmp_path):
+    one_step = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--overlay_every_n_epochs", "1"]
+    cli = run_cli(_cli_args("fit", h5file, tmp_path / "fit", *one_step, fast=False))
+    assert cli.model.monitor == "val/mae_px"
+    run_dir = Path(cli.trainer.log_dir)
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert best.is_file() and list(run_dir.glob("overlays/epoch_000/*.png"))
+    metrics = cli.trainer.callback_metrics
+    for key in ("val/mae_px", "val/mae_px_ILM", "val/mae_um_BM", "val/thickness_mae_um"):
+        assert torch.isfinite(metrics[key]), key
+
+    cli = run_cli(_cli_args("test", h5file, tmp_path / "test", "--ckpt_path", str(best), fast=False))
+    rows = list(csv.DictReader(open(next((tmp_path / "test").rglob("test_metrics.csv")))))
+    assert len(rows) == len(cli.datamodule.test_set) and len({r["subject"] for r in rows}) == 1
+    for r in rows:
+        assert float(r["mae_um_ILM"]) == pytest.approx(3.87 * float(r["mae_px_ILM"]), rel=1e-4)
+        assert 0 < int(r["columns_BM"]) <= 32
+
+    run_cli(
+        _cli_args(
+            "predict",
+            h5file,
+            tmp_path / "pred",
+            "--ckpt_path",
+            str(best),
+            "--model.init_args.mc_samples",
+            "3",
+            "--model.init_args.net.init_args.dropout",
+            "0.5",
+            fast=False,
+        )
+    )
+    out = next((tmp_path / "pred").rglob("predictions"))
+    ids = sorted(p.name.split("_")[0] for p in out.glob("*_boundaries.npy"))
+    assert ids
+    rows = np.load(out / f"{ids[0]}_boundaries.npy")
+    assert rows.shape == (2, W)  # one row per boundary and per *original* column
+    assert np.load(out / f"{ids[0]}_std.npy").max() > 0
+    table = list(csv.DictReader(open(out / f"{ids[0]}_boundaries.csv")))
+    assert len(table) == W and {"ILM", "BM", "thickness_px", "thickness_um", "ILM_std"} <= set(table[0])
+    assert float(table[3]["thickness_px"]) == pytest.approx(rows[1, 3] - rows[0, 3], abs=1e-3)
+    from PIL import Image
+
+    assert Image.open(out / f"{ids[0]}_overlay.png").size == (W, H)
+
+
+def test_predict_on_an_unannotated_file(h5file, tmp_path):
+    images_only = write_layer_file(tmp_path / "new.h5", layer_maps=None, subject=None)
+    run_cli(_cli_args("predict", h5file, tmp_path / "runs", "--data.init_args.predict_root", str(images_only)))
+    out = next((tmp_path / "runs").rglob("predictions"))
+    # fast_dev_run predicts one batch: the file's first two B-scans (unannotated, so none is excluded)
+    want = [f"0000{i}_{kind}.npy" for i in (0, 1) for kind in ("boundaries", "thickness")]
+    assert sorted(p.name for p in out.glob("*.npy")) == want
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_real_duke_dme_file_loads_with_subject_wise_splits():
+    path = shared("duke_dme/duke_dme_trainval.h5")
+    dm = OCTLayerDataModule(
+        str(path), batch_size=4, num_workers=0, layer_indices=[0, 7], image_size=128, output_width=64
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    index = dm.file_index()
+    assert (index.n, index.height, index.width, index.num_boundaries) == (88, 496, 768, 8)
+    subjects = {k: set(index.subjects[v].tolist()) for k, v in dm.splits.items()}
+    assert sum(len(v) for v in dm.splits.values()) == 88  # every B-scan annotates ILM and BM
+    assert set.union(*subjects.values()) == set(range(1, 9))
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not subjects[a] & subjects[b], (a, b)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (4, 3, 128, 128) and batch["coords"].shape == (4, 2, 64)
+    assert batch["spacing_um"].tolist() == pytest.approx([3.87] * 4)
+    coords, valid = batch["coords"], batch["valid"]
+    assert 0.5 < valid.float().mean() < 0.9  # Duke annotates the central columns only
+    assert (coords[:, 0][valid.all(1)] < coords[:, 1][valid.all(1)]).all()  # ILM above BM
