@@ -1,0 +1,414 @@
+"""RETOUCH fluid segmentation: MetaImage layout, cached preprocessing, patch sampling, tiled inference,
+plain and adversarial training through the CLI, and the shared RETOUCH-layout data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from octlightning.cli import run_cli
+from octlightning.data.base import DataError
+from octlightning.data.retouch import RetouchDataModule, find_cases, fluid_window_counts
+from octlightning.inference import sliding_window, tile_starts
+from octlightning.models.discriminator import PairDiscriminator
+from octlightning.models.unet import UNet
+from tests.conftest import REPO, shared
+
+SHAPE = (4, 64, 48)  # slices, rows, columns
+SPACING = (0.0117, 0.0039, 0.047)  # x, y, z in mm (MetaImage order)
+PATCH = [32, 32]  # height, width
+
+
+def write_mhd(array: np.ndarray, path: Path, spacing=SPACING, compress: bool = False) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=compress)
+
+
+def synthetic_case(rng: np.random.Generator, sixteen_bit: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A B-scan stack with a textured retina band (rows 18-50) and IRF, SRF and PED pockets."""
+    z, h, w = SHAPE
+    image = rng.normal(12, 6, SHAPE)
+    rows = np.arange(h)[None, :, None]
+    image += np.where((rows >= 18) & (rows < 50), 110 + 50 * np.sin(rows / 2.0) + rng.normal(0, 15, SHAPE), 0)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1, 24:30, 10:18] = 1  # IRF
+    labels[1, 40:44, 26:38] = 2  # SRF
+    labels[2, 44:49, 14:24] = 3  # PED
+    labels[2, 26:31, 30:36] = 1
+    image[labels > 0] = rng.normal(20, 5, int((labels > 0).sum()))  # fluid is dark
+    image = np.clip(image, 0, 255)
+    return (image * 180).astype(np.uint16) if sixteen_bit else image.astype(np.uint8), labels
+
+
+def write_retouch_layout(root: Path, seed: int = 0) -> Path:
+    """The challenge layout: vendor sets with 3 labelled cases each, one test case without reference."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for vendor, compress in (("Cirrus", False), ("Spectralis", True)):
+        for _ in range(3):
+            n += 1
+            image, labels = synthetic_case(rng, sixteen_bit=vendor == "Spectralis")
+            folder = root / f"RETOUCH-TrainingSet-{vendor}" / f"TRAIN{n:03d}"
+            write_mhd(image, folder / "oct.mhd", compress=compress)
+            write_mhd(labels, folder / "reference.mhd", compress=compress)
+    image, _ = synthetic_case(rng, sixteen_bit=False)
+    write_mhd(image, root / "RETOUCH-TestSet-Cirrus" / "TEST001" / "oct.mhd")
+    return root
+
+
+@pytest.fixture(scope="module")
+def retouch_root(tmp_path_factory) -> Path:
+    return write_retouch_layout(tmp_path_factory.mktemp("retouch"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("retouch_cache")
+
+
+def _dm(root, cache, **kw) -> RetouchDataModule:
+    args = dict(batch_size=4, num_workers=0, patch_size=PATCH, val_fraction=0.34, test_fraction=0.34)
+    args.update(kw)
+    return RetouchDataModule(str(root), cache_dir=str(cache), **args)
+
+
+# --------------------------------------------------------------------------- layout and cache
+def test_layout_vendors_splits_and_whole_bscan_samples(retouch_root, cache_dir):
+    cases = find_cases(retouch_root)
+    assert [(c.name, c.vendor, c.labelled) for c in cases] == [
+        ("TEST001", "Cirrus", False),
+        *[(f"TRAIN{i:03d}", "Cirrus", True) for i in (1, 2, 3)],
+        *[(f"TRAIN{i:03d}", "Spectralis", True) for i in (4, 5, 6)],
+    ]
+    dm = _dm(retouch_root, cache_dir)
+    parts = dm.split()
+    # by case, one of each vendor per part, the unlabelled case in none
+    vendor = {c.name: c.vendor for c in cases}
+    for part in ("train", "val", "test"):
+        assert sorted(vendor[c] for c in parts[part]) == ["Cirrus", "Spectralis"], parts
+    assert sorted(sum(parts.values(), [])) == [f"TRAIN{i:03d}" for i in range(1, 7)]
+    assert _dm(retouch_root, cache_dir).split() == parts  # seeded
+
+    dm.setup("test")
+    sample = dm.test_set[1]
+    case = parts["test"][0]
+    assert sample["id"] == f"{case}_001" and sample["volume"] == case
+    assert sample["image"].shape == sample["mask"].shape == (1, 64, 48)
+    assert sorted(sample["mask"].unique().tolist()) == [0.0, 1.0, 2.0]
+    assert sample["voxel_mm3"] == pytest.approx(np.prod(SPACING))
+    assert sample["spacing"].tolist() == pytest.approx(list(SPACING))
+    assert (sample["slice"], sample["num_slices"]) == (1, 4)
+
+    rows = list(csv.DictReader(open(dm.store().path / "index.csv")))
+    assert len(rows) == 7 * 4
+    by_slice = {(r["case"], int(r["slice"])): r for r in rows}
+    assert by_slice[("TRAIN004", 1)] == {
+        "case": "TRAIN004",
+        "vendor": "Spectralis",
+        "slice": "1",
+        "IRF": "1",
+        "SRF": "1",
+        "PED": "0",
+    }
+    assert by_slice[("TRAIN004", 2)]["PED"] == "1" and by_slice[("TRAIN004", 0)]["IRF"] == "0"
+    assert by_slice[("TEST001", 0)]["IRF"] == ""  # prediction-only: presence unknown
+
+
+def test_vendor_map_wins_and_unknown_vendor_is_an_error_naming_the_case(tmp_path):
+    image, labels = synthetic_case(np.random.default_rng(1), False)
+    write_mhd(image, tmp_path / "CASE_A" / "oct.mhd")
+    write_mhd(labels, tmp_path / "CASE_A" / "reference.mhd")
+    with pytest.raises(DataError, match="CASE_A.*vendor_map"):
+        find_cases(tmp_path)
+    assert find_cases(tmp_path, {"CASE_A": "topcon"})[0].vendor == "Topcon"
+    with pytest.raises(DataError, match="CASE_A.*unknown vendor 'Nidek'"):
+        find_cases(tmp_path, {"CASE_A": "Nidek"})
+
+
+def test_preprocessing_cache_is_reused_and_rebuilt_when_settings_or_files_change(tmp_path):
+    root = write_retouch_layout(tmp_path / "data", seed=2)
+    cache = tmp_path / "cache"
+    first = _dm(root, cache).store().path
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    again = _dm(root, cache).store().path
+    assert again == first and (first / "meta.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    changed = _dm(root, cache, median_size=5).store().path
+    assert changed != first and (changed / "meta.json").is_file()
+    assert json.loads((changed / "meta.json").read_text())["settings"]["median_size"] == 5
+    no_matching = _dm(root, cache, histogram_reference=None).store()
+    assert no_matching.path not in (first, changed)
+    # histogram matching changes Cirrus volumes only (Spectralis is the reference)
+    matched = _dm(root, cache).store()
+    assert np.array_equal(matched.array("TRAIN004", "oct"), no_matching.array("TRAIN004", "oct"))
+    assert not np.array_equal(matched.array("TRAIN001", "oct"), no_matching.array("TRAIN001", "oct"))
+    # a changed source file gives a new cache
+    raw = root / "RETOUCH-TrainingSet-Cirrus" / "TRAIN001" / "oct.raw"
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    assert _dm(root, cache).store().path not in (first, changed)
+
+
+def test_predict_root_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path):
+    other = tmp_path / "new_cases"
+    image, _ = synthetic_case(np.random.default_rng(5), sixteen_bit=False)
+    write_mhd(image, other / "NEW_Topcon_01" / "oct.mhd")
+    dm = _dm(retouch_root, cache_dir, predict_root=str(other))
+    dm.prepare_data()
+    dm.setup("predict")
+    assert dm.predict_set.items == [("NEW_Topcon_01", z) for z in range(4)]
+    sample = dm.predict_set[0]
+    assert "mask" not in sample and sample["volume"] == "NEW_Topcon_01"
+    # the new (Topcon) case is matched to the training set's Spectralis histogram
+    np.testing.assert_allclose(dm.predict_store().reference_hist, dm.store().reference_hist)
+    assert dm.predict_store().path != dm.store().path
+    # without predict_root, predict takes the root's cases without reference
+    dm = _dm(retouch_root, cache_dir)
+    dm.setup("predict")
+    assert {case for case, _ in dm.predict_set.items} == {"TEST001"}
+
+
+def test_patches_honour_the_positive_ratio_and_are_centred_in_the_roi(retouch_root, cache_dir):
+    dm = _dm(retouch_root, cache_dir, positive_fraction=0.25, patches_per_epoch=40)
+    dm.setup("fit")
+    ds = dm.train_set
+    store = dm.store()
+    torch.manual_seed(0)
+    samples = [ds[i] for i in range(len(ds))]
+    with_fluid = [bool((s["mask"] > 0).any()) for s in samples]
+    assert sum(with_fluid) == 10  # exactly 25 % of the epoch
+    assert all(with_fluid[:10]) and not any(with_fluid[10:])  # negatives hold no fluid at all
+    classes = set()
+    for s in samples:
+        assert s["image"].shape == s["mask"].shape == s["fov"].shape == (1, *PATCH)
+        case, z = s["id"].rsplit("_", 1)
+        cy, cx = s["centre"].tolist()
+        assert store.array(case, "roi")[int(z), cy, cx] == 1
+        assert case in dm.split()["train"]
+        classes |= set(s["mask"].unique().int().tolist())
+    assert classes == {0, 1, 2, 3}  # balanced fluid classes: all three seen
+    # per-epoch resampling, reproducible from the seed
+    torch.manual_seed(0)
+    ds.transform._seed = None  # the augmentation restarts from the seed too
+    replay = [ds[i] for i in range(4)]
+    assert torch.equal(replay[3]["centre"], samples[3]["centre"]) and torch.equal(
+        replay[3]["image"], samples[3]["image"]
+    )
+    assert {tuple(ds[i]["centre"].tolist()) for i in range(20)} != {tuple(s["centre"].tolist()) for s in samples[:20]}
+
+
+def test_fluid_window_counts_match_brute_force():
+    rng = np.random.default_rng(0)
+    fluid = rng.random((13, 11)) > 0.9
+    counts = fluid_window_counts(fluid, (4, 5))
+    for y in range(13):
+        for x in range(11):
+            assert counts[y, x] == fluid[max(0, y - 2) : y + 2, max(0, x - 2) : x + 3].sum()
+
+
+# --------------------------------------------------------------------------- bad input
+def _copy_case(tmp_path, mutate) -> RetouchDataModule:
+    root = tmp_path / "data"
+    image, labels = synthetic_case(np.random.default_rng(3), False)
+    write_mhd(image, root / "TRAIN_Spectralis_001" / "oct.mhd")
+    write_mhd(labels, root / "TRAIN_Spectralis_001" / "reference.mhd")
+    mutate(root / "TRAIN_Spectralis_001", image, labels)
+    return _dm(root, tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d, im, lab: (d / "oct.raw").unlink(), "names data file oct.raw, which does not exist"),
+        (lambda d, im, lab: (d / "reference.raw").write_bytes(b"\0" * 100), "reference.raw is 100 bytes.*truncated"),
+        (lambda d, im, lab: write_mhd(lab[:, :, :40], d / "reference.mhd"), "reference.mhd is 4x64x40 but oct.mhd"),
+        (lambda d, im, lab: write_mhd(lab * 2, d / "reference.mhd"), r"labels \[4, 6\] outside 0..3"),
+        (lambda d, im, lab: write_mhd(im, d / "oct.mhd", compress=True) or _truncate(d / "oct.zraw"), "truncated"),
+    ],
+    ids=["missing-data-file", "short-raw", "shape-mismatch", "bad-labels", "short-zraw"],
+)
+def test_bad_input_is_an_error_naming_the_case(tmp_path, mutate, message):
+    dm = _copy_case(tmp_path, mutate)
+    with pytest.raises(DataError, match=f"TRAIN_Spectralis_001.*{message}"):
+        dm.store()
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:50])
+
+
+# --------------------------------------------------------------------------- tiled inference
+@pytest.mark.parametrize("blend", ["gaussian", "linear", "constant"])
+@pytest.mark.parametrize("size", [(37, 53), (10, 12), (64, 48)])
+def test_sliding_window_of_identity_reproduces_the_input(blend, size):
+    image = torch.randn(2, 3, *size)
+    calls = []
+
+    def net_fn(x):
+        calls.append(x.shape[0])
+        return x
+
+    out = sliding_window(net_fn, image, (16, 24), overlap=0.5, blend=blend, tile_batch=5)
+    assert out.shape == image.shape
+    torch.testing.assert_close(out, image)
+    tiles = len(tile_starts(max(size[0], 16), 16, 0.5)) * len(tile_starts(max(size[1], 24), 24, 0.5))
+    assert sum(calls) == 2 * tiles and max(calls) <= 5
+
+
+def test_tiles_cover_the_image_with_the_requested_overlap():
+    starts = tile_starts(100, 32, 0.5)
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert all(0 < b - a <= 16 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_discriminator_scores_any_size_and_both_pairings():
+    for pair in ("concat", "product"):
+        disc = PairDiscriminator(image_channels=1, num_classes=4, base_channels=4, depth=3, pair=pair)
+        assert disc(torch.randn(2, 1, 40, 24), torch.rand(2, 4, 40, 24)).shape == (2,)
+    with pytest.raises(ValueError, match="3 channels"):
+        disc(torch.randn(2, 1, 40, 24), torch.rand(2, 3, 40, 24))
+
+
+# --------------------------------------------------------------------------- CLI
+TINY = [
+    "--model.init_args.net.init_args.base_channels",
+    "4",
+    "--model.init_args.net.init_args.depth",
+    "2",
+    "--model.init_args.sliding_window",
+    json.dumps(PATCH),
+    "--data.init_args.patch_size",
+    json.dumps(PATCH),
+    "--data.init_args.num_workers",
+    "0",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.eval_batch_size",
+    "4",
+    "--data.init_args.val_cases",
+    "null",
+    "--data.init_args.test_cases",
+    "null",
+    "--data.init_args.val_fraction",
+    "0.34",
+    "--data.init_args.test_fraction",
+    "0.34",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--comet",
+    "false",
+]
+TINY_DISC = [
+    "--model.init_args.discriminator.init_args.base_channels",
+    "4",
+    "--model.init_args.discriminator.init_args.depth",
+    "2",
+]
+
+
+def _cli(config: str, sub: str, root: Path, cache: Path, runs: Path, *extra: str):
+    args = [sub, "--config", str(REPO / "hparams" / config), "--data.init_args.root", str(root)]
+    args += ["--data.init_args.cache_dir", str(cache), "--trainer.default_root_dir", str(runs), *TINY]
+    if "adversarial" in config:
+        args += TINY_DISC
+    return run_cli([*args, *extra])
+
+
+@pytest.mark.parametrize("config", ["retouch_unet.json", "retouch_adversarial.json"])
+def test_fit_test_predict_through_the_cli(config, retouch_root, cache_dir, tmp_path):
+    fast = ["--trainer.fast_dev_run", "true"]
+    adversarial = "adversarial" in config
+    extra = []
+    if adversarial:  # start the segmenter from a SegmentationTask checkpoint (network under `net.`)
+        net_args = json.loads((REPO / "hparams" / config).read_text())["model"]["init_args"]["net"]["init_args"]
+        torch.manual_seed(7)
+        net = UNet(**{**net_args, "base_channels": 4, "depth": 2})
+        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "seg.ckpt")
+        extra = [
+            "--model.init_args.segmentation_checkpoint",
+            str(tmp_path / "seg.ckpt"),
+            "--model.init_args.lr",
+            "1e-3",
+        ]
+    cli = _cli(config, "fit", retouch_root, cache_dir, tmp_path, *fast, *extra)
+    # manual optimisation counts one global step per optimizer step: two per batch when adversarial
+    assert cli.trainer.global_step == (2 if adversarial else 1)
+    ckpt = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    if adversarial:
+        assert any(k.startswith("discriminator.") for k in saved["state_dict"])  # both networks kept
+        assert len(saved["optimizer_states"]) == 2
+        assert "discriminator" not in cli.model.hparams and "net" not in cli.model.hparams
+        # one Adam step moves every weight by at most lr: the segmenter started from the checkpoint
+        for k, v in net.state_dict().items():
+            if v.is_floating_point() and "running" not in k:
+                torch.testing.assert_close(cli.model.net.state_dict()[k], v, atol=1.1e-3, rtol=0, msg=k)
+
+    cli = _cli(config, "test", retouch_root, cache_dir, tmp_path, *fast, "--ckpt_path", str(ckpt))
+    run_dir = cli.model.run_dir
+    volumes = list(csv.DictReader(open(run_dir / "test_volumes.csv")))
+    assert len(volumes) == 1 and volumes[0]["slices"] == "4"  # one batch = one whole volume
+    for fluid in ("IRF", "SRF", "PED"):
+        ref = float(volumes[0][f"ref_mm3_{fluid}"])
+        assert ref > 0  # every fluid is in every labelled case
+        assert float(volumes[0][f"avd_mm3_{fluid}"]) == pytest.approx(abs(float(volumes[0][f"pred_mm3_{fluid}"]) - ref))
+    slices = list(csv.DictReader(open(run_dir / "test_metrics.csv")))
+    assert [r["id"] for r in slices] == [f"{volumes[0]['volume']}_{z:03d}" for z in range(4)]
+    assert {"dice_IRF", "iou_PED"} <= set(slices[0])
+
+    cli = _cli(config, "predict", retouch_root, cache_dir, tmp_path, *fast, "--ckpt_path", str(ckpt))
+    out = cli.model.run_dir / "predictions"
+    written = sitk.ReadImage(str(out / "TEST001" / "prediction.mhd"))  # the case without reference
+    assert written.GetSize() == (48, 64, 4)  # x, y, z: the input's size
+    assert written.GetSpacing() == pytest.approx(SPACING)
+    assert set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 1, 2, 3}
+    assert sorted(p.name for p in out.glob("TEST001_*_overlay.png")) == [
+        f"TEST001_{z:03d}_overlay.png" for z in range(4)
+    ]
+
+
+# --------------------------------------------------------------------------- shared real data
+@pytest.mark.realdata
+def test_shared_retouch_layout_loads(tmp_path):
+    root = shared("retouch_like")
+    config = json.loads((REPO / "hparams" / "retouch_unet.json").read_text())
+    vendor_map = config["data"]["init_args"]["vendor_map"]
+    with pytest.raises(DataError, match="TRAIN_DUKE01"):
+        find_cases(root)  # no vendor in the Duke case names: the config maps them
+    cases = find_cases(root, vendor_map)
+    assert [(c.name, c.vendor) for c in cases] == [("TRAIN_DUKE01", "Spectralis"), ("TRAIN_DUKE02", "Spectralis")]
+    dm = RetouchDataModule(
+        str(root), num_workers=0, cache_dir=str(tmp_path), vendor_map=vendor_map, val_cases=["TRAIN_DUKE02"]
+    )
+    store = dm.store()
+    for name in ("TRAIN_DUKE01", "TRAIN_DUKE02"):
+        info = store.cases[name]
+        assert info.shape == (11, 496, 768)
+        assert info.spacing == pytest.approx((0.01133, 0.00387, 0.492))
+        assert set(np.unique(store.array(name, "reference"))) == {0, 1}
+    rows = store.index()
+    assert sum(r["IRF"] == "1" for r in rows if r["case"] == "TRAIN_DUKE01") == 9
+    assert sum(r["IRF"] == "1" for r in rows if r["case"] == "TRAIN_DUKE02") == 7
+    assert all(r["SRF"] == r["PED"] == "0" for r in rows)
+    # the ROI is the retina band, not the whole B-scan
+    roi_share = float(np.mean(store.array("TRAIN_DUKE01", "roi")))
+    assert 0.15 < roi_share < 0.5
+    dm.setup("fit")
+    assert dm.split()["train"] == ["TRAIN_DUKE01"]
+    patch = dm.train_set[0]
+    assert patch["image"].shape == (1, 256, 128)
+    assert patch["mask"].max() == 1
