@@ -1,0 +1,330 @@
+"""Binary segmentation from an image folder and a mask folder: ISIC 2018 Task 1 naming by default.
+
+The default layout is the ISIC 2018 lesion-segmentation download::
+
+    <root>/ISIC2018_Task1-2_Training_Input/<id>.jpg
+    <root>/ISIC2018_Task1_Training_GroundTruth/<id>_segmentation.png
+    <root>/ISIC2018_Task1-2_Validation_Input/ + ISIC2018_Task1_Validation_GroundTruth/   (when present)
+    <root>/ISIC2018_Task1-2_Test_Input/ + ISIC2018_Task1_Test_GroundTruth/               (when present)
+
+Other sets need only other names: Kvasir-SEG is ``image_dir="images"``, ``mask_dir="masks"``,
+``mask_pattern="{stem}.jpg"``, ``mask_threshold=127`` (its masks are lossy JPEGs); PH2 as distributed is
+``image_dir=mask_dir="PH2 Dataset images"``, ``image_glob="*/*_Dermoscopic_Image/*.bmp"``,
+``mask_pattern="{stem}/{stem}_lesion/{stem}_lesion.bmp"``.
+
+Images of any size are resized to ``image_size`` (ImageNet-normalised); every sample keeps its file's
+``orig_size`` so that predictions are written back at that size. ISIC images are large (up to about
+6700 x 4500 px) and there are thousands, so :meth:`setup` checks names, pairs and the image headers
+(readable, mask and image of equal size) of every file, and pixels are decoded in the loader workers;
+a mask that is not binary or a truncated file is then an error naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from octlightning.data.base import BaseDataModule, DataError, split_indices
+from octlightning.data.io import check_pairs, list_images, read_binary_mask, read_image, require_dir
+from octlightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SeededTransform,
+    image_to_tensor,
+    mask_to_tensor,
+    segmentation_augmentation,
+)
+
+ISIC_TRAIN = ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth")
+ISIC_VAL = ("ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth")
+ISIC_TEST = ("ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth")
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    """One image file, its mask file (``None`` when predicting) and the image's ``(height, width)``."""
+
+    id: str
+    image: Path
+    mask: Path | None
+    size: tuple[int, int]
+
+
+def header_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """``(height, width)`` from the file header, without decoding the pixels."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the {what} file is empty (0 bytes)")
+        with Image.open(path) as im:
+            return im.height, im.width
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the {what} ({err}); the file is truncated or not an image") from err
+
+
+def mask_name_regex(pattern: str) -> re.Pattern[str]:
+    """Regex that recognises mask paths written by ``pattern`` and captures the image stem.
+
+    ``pattern`` is a path relative to the mask folder with one or more ``{stem}`` fields (all the
+    same stem), e.g. ``{stem}_segmentation.png`` or ``{stem}/{stem}_lesion/{stem}_lesion.bmp``.
+    """
+    parts = pattern.split("{stem}")
+    if len(parts) < 2:
+        raise ValueError(f"mask_pattern {pattern!r} must contain {{stem}} (the image name without extension)")
+    rx = re.escape(parts[0]) + r"(?P<stem>[^/]+)"
+    for part in parts[1:-1]:
+        rx += re.escape(part) + r"(?P=stem)"
+    return re.compile(rx + re.escape(parts[-1]))
+
+
+def scan_pairs(
+    image_dir: Path, mask_dir: Path | None, image_glob: str = "*.jpg", mask_pattern: str = "{stem}_segmentation.png"
+) -> list[MaskPair]:
+    """Pair every image matching ``image_glob`` with its mask (``mask_pattern``); sorted by id.
+
+    An image without a mask, a mask without an image, two images with one name, an unreadable header
+    or a mask whose size differs from its image's is a :class:`DataError` naming the files. Files in
+    the mask folder that do not match the pattern (ISIC's LICENSE/ATTRIBUTION texts) are ignored.
+    """
+    require_dir(image_dir, "image")
+    masks: dict[str, Path] = {}
+    if mask_dir is not None:
+        require_dir(mask_dir, "mask")
+        rx = mask_name_regex(mask_pattern)
+        for path in sorted(mask_dir.glob(mask_pattern.replace("{stem}", "*"))):
+            m = rx.fullmatch(path.relative_to(mask_dir).as_posix())
+            if m and path.is_file():
+                masks[m["stem"]] = path
+    mask_files = set(masks.values())
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.glob(image_glob)):
+        # An image glob may also match the masks when both share a folder (e.g. *.png, {stem}_mask.png).
+        if not path.is_file() or path.name.startswith(".") or path in mask_files:
+            continue
+        if path.stem in images:
+            raise DataError(f"two images named {path.stem!r}: {images[path.stem]} and {path}; ids must be unique")
+        images[path.stem] = path
+    if not images:
+        raise DataError(f"{image_dir}: no images matching {image_glob!r}")
+    if mask_dir is not None:
+        check_pairs(images, masks, f"mask ({mask_dir}/{mask_pattern})")
+    pairs = []
+    for key in sorted(images):
+        size = header_size(images[key])
+        if mask_dir is not None:
+            mask_size = header_size(masks[key], "mask")
+            if mask_size != size:
+                raise DataError(
+                    f"{masks[key]}: mask is {mask_size[1]}x{mask_size[0]} but its image {images[key]} is "
+                    f"{size[1]}x{size[0]} (W x H); they must match"
+                )
+        pairs.append(MaskPair(key, images[key], masks.get(key), size))
+    return pairs
+
+
+def read_mask(path: Path, threshold: int | None = None) -> np.ndarray:
+    """uint8 {0, 1} mask: strictly two-valued files by default, ``> threshold`` for lossy (JPEG) masks."""
+    if threshold is None:
+        return read_binary_mask(path)
+    return (read_image(path, "L") > threshold).astype(np.uint8)
+
+
+class MaskFolderDataset(Dataset):
+    """Pairs -> dict(image (3, H, W) ImageNet-normalised, mask (1, H, W) {0,1}, id, orig_size (2,)).
+
+    ``mask`` is absent for pairs without a mask (prediction). Decoding happens here, in the workers.
+    """
+
+    def __init__(
+        self,
+        pairs: list[MaskPair],
+        image_size: tuple[int, int],
+        transform: SeededTransform | None = None,
+        mask_threshold: int | None = None,
+    ) -> None:
+        self.pairs = pairs
+        self.image_size = image_size
+        self.transform = transform
+        self.mask_threshold = mask_threshold
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        pair = self.pairs[index]
+        h, w = self.image_size
+        image = read_image(pair.image, "RGB")
+        # Area averaging when shrinking (large dermoscopy photos), bilinear when enlarging.
+        shrink = image.shape[0] * image.shape[1] > h * w
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        mask = None
+        if pair.mask is not None:
+            mask = cv2.resize(read_mask(pair.mask, self.mask_threshold), (w, h), interpolation=cv2.INTER_NEAREST)
+        if self.transform is not None and mask is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        sample = {
+            "image": image_to_tensor(image, IMAGENET_MEAN, IMAGENET_STD),
+            "id": pair.id,
+            "orig_size": torch.tensor(pair.size),
+        }
+        if mask is not None:
+            sample["mask"] = mask_to_tensor(mask)
+        return sample
+
+
+class MaskFolderDataModule(BaseDataModule):
+    """Binary segmentation DataModule for image/mask folders (ISIC 2018 Task 1 layout by default).
+
+    Folders are relative to ``root`` (absolute paths work too). The validation and test folders are
+    used when present; otherwise ``val_fraction``/``test_fraction`` of the training images are held
+    out, by a split seeded with ``seed``.
+
+    Args:
+        root: dataset folder.
+        batch_size, num_workers, seed, eval_batch_size: see :class:`BaseDataModule`.
+        image_dir, mask_dir: training images and masks.
+        val_image_dir, val_mask_dir: validation folders, used when ``val_image_dir`` exists
+            (``None``: always split the training set).
+        test_image_dir, test_mask_dir: test folders, used when ``test_image_dir`` exists; ``test``
+            needs the masks, ``predict`` only the images.
+        image_glob: which files in an image folder are images (``*.jpg``; ``*.png``; ``*/*.bmp``).
+        mask_pattern: a mask's path relative to its folder, ``{stem}`` = the image name without
+            extension (``{stem}_segmentation.png`` for ISIC, ``{stem}.png``, ...).
+        image_size: network input ``(height, width)`` (or one int for a square) every image is resized to.
+        val_fraction: share of training images held out for validation without a validation folder.
+        test_fraction: share held out for ``test``/``predict`` without a test folder (0: none).
+        augment: flips, rotation and Gaussian noise during training.
+        mask_threshold: ``None`` reads masks as strictly two-valued (0/1, 0/255, 1-bit, palette); a grey
+            level binarises lossy masks (``> mask_threshold`` is foreground) instead.
+        predict_dir: folder of images to predict (any image type); ``None`` predicts the test images.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        seed: int = 42,
+        eval_batch_size: int | None = None,
+        image_dir: str = ISIC_TRAIN[0],
+        mask_dir: str = ISIC_TRAIN[1],
+        val_image_dir: str | None = ISIC_VAL[0],
+        val_mask_dir: str | None = ISIC_VAL[1],
+        test_image_dir: str | None = ISIC_TEST[0],
+        test_mask_dir: str | None = ISIC_TEST[1],
+        image_glob: str = "*.jpg",
+        mask_pattern: str = "{stem}_segmentation.png",
+        image_size: int | tuple[int, int] = 256,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        augment: bool = True,
+        mask_threshold: int | None = None,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        self.save_hyperparameters()
+        mask_name_regex(mask_pattern)  # a bad pattern fails at construction, not in setup
+        self.image_dir, self.mask_dir = image_dir, mask_dir
+        self.val_dirs = (val_image_dir, val_mask_dir)
+        self.test_dirs = (test_image_dir, test_mask_dir)
+        self.image_glob = image_glob
+        self.mask_pattern = mask_pattern
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"image_size must be one int or (height, width), got {image_size!r}")
+        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.augment = augment
+        self.mask_threshold = mask_threshold
+        self.predict_dir = predict_dir
+        self._split: dict[str, list[MaskPair]] | None = None
+
+    # ----------------------------------------------------------------- files
+    def _present(self, folder: str | None) -> Path | None:
+        return None if folder is None or not (Path(self.root) / folder).is_dir() else Path(self.root) / folder
+
+    def _scan(self, dirs: tuple[str | None, str | None], masks: bool, what: str) -> list[MaskPair]:
+        image_dir, mask_dir = (Path(self.root) / d if d is not None else None for d in dirs)
+        if masks and what != "training" and (mask_dir is None or not mask_dir.is_dir()):
+            raise DataError(
+                f"{image_dir}: {what} images without their ground-truth folder {mask_dir}; add the masks, or "
+                f"set {what}_image_dir to null to hold out part of the training images instead"
+            )
+        return scan_pairs(image_dir, mask_dir if masks else None, self.image_glob, self.mask_pattern)
+
+    def splits(self) -> dict[str, list[MaskPair]]:
+        """``train``/``val``/``test`` pairs: the folders that exist, else the seeded training-set split."""
+        if self._split is None:
+            pairs = self._scan((self.image_dir, self.mask_dir), True, "training")
+            has_val = self._present(self.val_dirs[0]) is not None
+            has_test = self._present(self.test_dirs[0]) is not None
+            fractions = [0.0 if has_val else self.val_fraction, 0.0 if has_test else self.test_fraction]
+            train, val, test = split_indices([p.id for p in pairs], fractions, self.seed)
+            self._split = {
+                "train": [pairs[i] for i in train],
+                "val": [pairs[i] for i in val],
+                "test": [pairs[i] for i in test],
+            }
+            if has_val:
+                self._split["val"] = self._scan(self.val_dirs, True, "val")
+        return self._split
+
+    def _test_pairs(self, masks: bool) -> list[MaskPair]:
+        if self._present(self.test_dirs[0]) is not None:
+            return self._scan(self.test_dirs, masks, "test")
+        pairs = self.splits()["test"]
+        if not pairs:
+            raise DataError(
+                f"{self.root}: no test folder ({self.test_dirs[0]}) and test_fraction is 0; "
+                f"add the folder, set test_fraction, or give predict_dir to predict"
+            )
+        return pairs
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            split = self.splits()
+            if not split["val"]:
+                raise DataError(f"{self.root}: no validation folder and val_fraction is 0, nothing to validate on")
+            a = self.augment
+            transform = segmentation_augmentation(
+                hflip=0.5 if a else 0, vflip=0.5 if a else 0, rotate_limit=45 if a else 0, noise=0.25 if a else 0
+            )
+            self.train_set = MaskFolderDataset(split["train"], self.image_size, transform, self.mask_threshold)
+            self.val_set = MaskFolderDataset(split["val"], self.image_size, None, self.mask_threshold)
+        if stage == "test":
+            self.test_set = MaskFolderDataset(self._test_pairs(masks=True), self.image_size, None, self.mask_threshold)
+        if stage == "predict":
+            if self.predict_dir is not None:
+                folder = require_dir(Path(self.predict_dir), "predict")
+                paths = list_images(folder)
+                if not paths:
+                    raise DataError(f"{folder}: no images to predict")
+                if len({p.stem for p in paths}) != len(paths):
+                    raise DataError(f"{folder}: several images share a name (stem); outputs would overwrite")
+                pairs = [MaskPair(p.stem, p, None, header_size(p)) for p in paths]
+            else:
+                pairs = [MaskPair(p.id, p.image, None, p.size) for p in self._test_pairs(masks=False)]
+            self.predict_set = MaskFolderDataset(pairs, self.image_size)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self):
+        return self._loader(self.predict_set, train=False)
