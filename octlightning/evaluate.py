@@ -1,0 +1,164 @@
+"""Score a folder of predicted class maps against reference masks: Dice, IoU and HD95 per class.
+
+``python -m octlightning.evaluate <pred_dir> <gt_dir> --info INFO.json --out scores.csv``
+
+``gt_dir`` is a folder of reference class maps (a MIRAGE ``semseg/`` folder, or a split folder holding
+one); ``INFO.json`` maps their intensities to classes (default: found next to ``gt_dir`` or above it).
+Predictions are matched by name: ``<name>.png``, ``<name>_mask.png`` (what ``octlightning predict``
+writes) or ``<name>_pred.png`` (the MIRAGE scripts). By default they hold class indices, as
+``octlightning predict`` writes them; ``--pred-format value`` reads INFO.json intensities instead.
+
+The CSV has one row per image and a final ``mean`` row. When names carry a volume id
+(``<volume>_<slice>``), ``<out>_volumes.csv`` scores each volume from its summed pixel counts, with
+the mean HD95 of its slices. Unannotated reference pixels (INFO.json ``Invalid`` entries) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from octlightning.data.base import DataError
+from octlightning.data.io import list_images
+from octlightning.data.oct_semseg import DEFAULT_VOLUME_PATTERN, SemSegInfo, read_info, read_value_mask, volume_ids
+from octlightning.metrics import confusion_counts, hd95_per_class, mean_row, score_row
+
+PRED_SUFFIXES = ("", "_mask", "_pred")
+
+
+def find_info(gt_dir: Path) -> Path:
+    """``INFO.json`` in ``gt_dir`` or one of its two parents (``<dataset>/<split>/semseg``)."""
+    for folder in (gt_dir, gt_dir.parent, gt_dir.parent.parent):
+        if (folder / "INFO.json").is_file():
+            return folder / "INFO.json"
+    raise DataError(f"{gt_dir}: no INFO.json here or in the two folders above; pass --info")
+
+
+def _prediction_path(pred_dir: Path, name: str) -> Path | None:
+    for suffix in PRED_SUFFIXES:
+        path = pred_dir / f"{name}{suffix}.png"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_prediction(path: Path, info: SemSegInfo, pred_format: str) -> np.ndarray:
+    """A predicted class map as class indices, checked against the classes of ``info``."""
+    raw = read_value_mask(path)
+    if pred_format == "value":
+        labels, valid = info.to_labels(raw, path)
+        if not valid.all():
+            raise DataError(f"{path}: prediction marks pixels as unannotated ({info.ignore_values}); predict a class")
+        return labels
+    if raw.size and int(raw.max()) >= info.num_classes:
+        raise DataError(
+            f"{path}: class index {int(raw.max())} but {info.path} has {info.num_classes} classes; "
+            "if the file holds INFO.json intensities, use --pred-format value"
+        )
+    return raw.astype(np.int64)
+
+
+def evaluate(
+    pred_dir: str | Path,
+    gt_dir: str | Path,
+    info_path: str | Path | None = None,
+    pred_format: str = "index",
+    volume_pattern: str | None = DEFAULT_VOLUME_PATTERN,
+    spacing: tuple[float, float] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-image rows and per-volume rows (empty without volume ids), each ending with a ``mean`` row."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if (gt_dir / "semseg").is_dir():
+        gt_dir = gt_dir / "semseg"
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "reference")):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: {what} folder not found")
+    info = read_info(info_path if info_path is not None else find_info(gt_dir))
+    refs = list_images(gt_dir, (".png",))
+    if not refs:
+        raise DataError(f"{gt_dir}: no reference class maps (*.png)")
+    preds = {r.stem: _prediction_path(pred_dir, r.stem) for r in refs}
+    missing = [n for n, p in preds.items() if p is None]
+    if missing:
+        raise DataError(
+            f"{pred_dir}: no prediction for {len(missing)} of {len(refs)} references, e.g. "
+            f"{missing[:5]} (expected <name>.png, <name>_mask.png or <name>_pred.png)"
+        )
+    names = [r.stem for r in refs]
+    volumes = volume_ids(names, volume_pattern, gt_dir)
+    k = info.num_classes
+    class_names = info.foreground_names
+    rows: list[dict[str, Any]] = []
+    per_volume: dict[str, list[tuple[torch.Tensor, np.ndarray]]] = {}
+    for ref_path, name, volume in zip(refs, names, volumes, strict=True):
+        target, valid = info.to_labels(read_value_mask(ref_path), ref_path)
+        pred_path = preds[name]
+        pred = read_prediction(pred_path, info, pred_format)  # type: ignore[arg-type]
+        if pred.shape != target.shape:
+            raise DataError(
+                f"{pred_path}: prediction is {pred.shape[::-1]} but {ref_path} is {target.shape[::-1]} (W x H)"
+            )
+        counts = confusion_counts(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(valid), k)
+        hd95 = hd95_per_class(pred, target, k, valid, spacing)
+        row: dict[str, Any] = {"id": name}
+        if volume is not None:
+            row["volume"] = volume
+            per_volume.setdefault(volume, []).append((counts, hd95))
+        row.update(score_row(counts, class_names, hd95))
+        rows.append(row)
+    volume_rows = []
+    for vid in sorted(per_volume):
+        parts = per_volume[vid]
+        counts = sum(c for c, _ in parts)
+        hd95 = np.mean([h for _, h in parts], axis=0)
+        volume_rows.append({"volume": vid, "slices": len(parts), **score_row(counts, class_names, hd95)})
+    if volume_rows:
+        volume_rows.append(mean_row(volume_rows, "volume"))
+    rows.append(mean_row(rows, "id"))
+    return rows, volume_rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m octlightning.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("pred_dir", help="folder of predicted class maps")
+    parser.add_argument("gt_dir", help="folder of reference class maps (semseg/ or the split folder holding it)")
+    parser.add_argument("--info", default=None, help="INFO.json (default: next to gt_dir or above it)")
+    parser.add_argument("--out", default="scores.csv", help="per-image CSV (volumes go to <out>_volumes.csv)")
+    parser.add_argument(
+        "--pred-format", choices=("index", "value"), default="index", help="predictions hold class indices or values"
+    )
+    parser.add_argument("--volume-pattern", default=DEFAULT_VOLUME_PATTERN, help="regex, group 1 = volume id")
+    parser.add_argument("--no-volumes", action="store_true", help="do not score volumes")
+    parser.add_argument("--spacing", type=float, nargs=2, default=None, help="pixel size (rows, cols) for HD95")
+    args = parser.parse_args(argv)
+    try:
+        rows, volume_rows = evaluate(
+            args.pred_dir,
+            args.gt_dir,
+            args.info,
+            args.pred_format,
+            None if args.no_volumes else args.volume_pattern,
+            tuple(args.spacing) if args.spacing else None,
+        )
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out, index=False)
+    summary = rows[-1]
+    print(f"{len(rows) - 1} images: dice {summary['dice']:.4f}  iou {summary['iou']:.4f}  hd95 {summary['hd95']:.2f}")
+    print(f"wrote {out}")
+    if volume_rows:
+        vol_out = out.with_name(f"{out.stem}_volumes.csv")
+        pd.DataFrame(volume_rows).to_csv(vol_out, index=False)
+        print(f"{len(volume_rows) - 1} volumes: dice {volume_rows[-1]['dice']:.4f}; wrote {vol_out}")
+
+
+if __name__ == "__main__":
+    main()
