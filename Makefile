@@ -37,3 +37,29 @@ demo: install
 
 fit: install
 	$(BIN)/octlightning fit --config $(CONFIG) $(ARGS)
+
+# Throughput benchmarks (by hand or on a GPU machine; never in CI). See benchmarks/bench.py.
+.PHONY: bench bench-cpu
+bench: install
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+bench-cpu: install
+	$(BIN)/python benchmarks/bench.py --cpu $(ARGS)
+
+# Sweeps (experiments/*.json): one run per GPU group, queued, resumable; see README "Sweeps".
+# make sweep SWEEP=experiments/vessel_lr_batch.json GPUS=0,1,2,3   (no GPUS: CPU, ARGS="--slots 2")
+SWEEP ?= experiments/vessel_lr_batch.json
+GPUS  ?=
+.PHONY: sweep sweep-dry sweep-slurm leaderboard
+sweep: install
+	$(BIN)/octlightning sweep $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+
+sweep-dry: install
+	$(BIN)/octlightning sweep $(SWEEP) --dry-run $(ARGS)
+
+# ARGS=--submit submits the job array with sbatch
+sweep-slurm: install
+	$(BIN)/octlightning sweep $(SWEEP) --slurm $(ARGS)
+
+leaderboard: install
+	$(BIN)/octlightning sweep $(SWEEP) --report
