@@ -1,0 +1,257 @@
+"""Training throughput: a plain PyTorch loop against ``octlightning fit``, in one process, same device.
+
+For each recipe, with the network and batch size of its hparams file:
+
+    (a) plain loop, fp32, random tensors already on the device (what the published scripts run),
+    (b) the same loop at its best: bf16 autocast + channels_last + torch.compile (GPU only),
+    (c) ``octlightning fit`` with the recipe's hparams and its DataModule reading the real files.
+
+Printed as a markdown table with c/a and c/b, peak GPU memory beside each, plus the loader-only
+throughput of each DataModule (its training dataloader with augmentation, no model).
+
+    python benchmarks/bench.py                 # GPU: every recipe whose data is present
+    python benchmarks/bench.py --cpu           # 2-core CPU: small networks, fp32 (a) vs (c)
+
+Run by hand or by ``make bench`` / ``make bench-cpu``; never in CI (timings need a quiet machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from octlightning.cli import OctLightningCLI
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Recipe:
+    name: str
+    config: str
+    # Overrides for the GPU run (the published sizes) and for the CPU run (small and quick).
+    gpu_args: list[str] = field(default_factory=list)
+    cpu_args: list[str] = field(default_factory=list)
+
+
+RECIPES = [
+    Recipe(
+        "vessel U-Net (DRIVE)",
+        "hparams/vessel_unet.json",
+        cpu_args=["--model.init_args.net.init_args.base_channels", "8", "--model.init_args.net.init_args.depth", "3",
+                  "--data.init_args.patch_size", "128", "--data.init_args.patches_per_image", "8"],
+    ),
+    Recipe(
+        "ISIC DeepLabV3+ r50 (PH2)",
+        "hparams/isic_deeplabv3plus.json",
+        cpu_args=["--model.init_args.net.init_args.encoder_name", "resnet18", "--data.init_args.batch_size", "4",
+                  "--data.init_args.image_size", "[128, 128]"],
+    ),
+    Recipe(
+        "OCT SegFormer-b0 layers (Duke DME)",
+        "hparams/oct_segformer.json",
+        cpu_args=["--data.init_args.batch_size", "4", "--data.init_args.image_size", "128",
+                  "--data.init_args.output_width", "128", "--model.init_args.net.init_args.output_width", "128"],
+    ),
+    Recipe(
+        "RETOUCH U-Net patches",
+        "hparams/retouch_unet.json",
+        cpu_args=["--model.init_args.net.init_args.base_channels", "8", "--data.init_args.batch_size", "8"],
+    ),
+]  # fmt: skip
+
+
+class StepTimer(L.Callback):
+    """Wall time of training steps after a warm-up, including data loading between steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.samples = 0
+        self.start: float | None = None
+        self.end = 0.0
+        self.peak_mem = 0.0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            self._sync()
+            self.start = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            self.samples += len(batch["image"])
+            self._sync()
+            self.end = time.perf_counter()
+            if torch.cuda.is_available():
+                self.peak_mem = torch.cuda.max_memory_allocated() / 2**30
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples / (self.end - self.start) if self.start else float("nan")
+
+
+def build_cli(recipe: Recipe, extra: list[str], root_dir: Path) -> OctLightningCLI:
+    args = ["--config", str(REPO / recipe.config), "--comet", "false", "--overlay_every_n_epochs", "0",
+            "--trainer.default_root_dir", str(root_dir), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", *extra]  # fmt: skip
+    return OctLightningCLI(args=args, run=False)
+
+
+def _target_and_loss(out: torch.Tensor):
+    """Random targets shaped like the recipe's output and the matching plain loss."""
+    if out.dim() == 3:  # (B, L, W) boundary coordinates
+        return torch.rand_like(out, dtype=torch.float32) * 100, lambda o, t: F.mse_loss(o.float(), t)
+    if out.shape[1] == 1:
+        t = (torch.rand_like(out, dtype=torch.float32) > 0.9).float()
+        return t, lambda o, t: F.binary_cross_entropy_with_logits(o.float(), t)
+    t = torch.randint(0, out.shape[1], (out.shape[0], *out.shape[2:]), device=out.device)
+    return t, lambda o, t: F.cross_entropy(o.float(), t)
+
+
+def plain_loop(net: torch.nn.Module, x: torch.Tensor, steps: int, warmup: int, best: bool) -> tuple[float, float]:
+    """Images/s and peak GiB of a written-out training loop on a fixed device batch."""
+    device = x.device
+    net = net.to(device).train()
+    if best:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, **fused)
+    forward = net
+    if best:
+        try:
+            compiled = torch.compile(net)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                compiled(x)
+            forward = compiled
+        except Exception as err:  # SegFormer does not compile today; measure it eagerly
+            warnings.warn(f"torch.compile failed ({type(err).__name__}); (b) runs eagerly", stacklevel=2)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if best else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        out = forward(x)
+    target, loss_fn = _target_and_loss(out if not isinstance(out, dict) else out["pred"])
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+        with autocast:
+            out = forward(x)
+        loss = loss_fn(out, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return steps * x.shape[0] / seconds, peak
+
+
+def loader_only(cli: OctLightningCLI, batches: int) -> float:
+    dm = cli.datamodule
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    n, start, it = 0, None, iter(loader)
+    for i in range(batches + 2):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        if i == 1:
+            start = time.perf_counter()
+        elif i > 1:
+            n += len(batch["image"])
+    return n / (time.perf_counter() - start)
+
+
+def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path) -> str:
+    device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
+    rows, loader_rows = [], []
+    for recipe in recipes:
+        extra = recipe.cpu_args if device.type == "cpu" else recipe.gpu_args
+        extra = [*extra, "--trainer.accelerator", device.type, "--trainer.devices", "1"]
+        try:
+            cli = build_cli(recipe, extra, out_dir)
+        except (SystemExit, Exception) as err:  # data absent on this machine, or a broken config
+            print(f"skip {recipe.name}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        dm = cli.datamodule
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        x = batch["image"].to(device)
+        base_state = {k: v.clone() for k, v in cli.model.net.state_dict().items()}
+
+        a, mem_a = plain_loop(cli.model.net, x, steps, warmup, best=False)
+        b, mem_b = (float("nan"), float("nan"))
+        if device.type == "cuda":
+            cli.model.net.load_state_dict(base_state)
+            b, mem_b = plain_loop(cli.model.net, x, steps, warmup, best=True)
+        cli.model.net.load_state_dict(base_state)
+
+        fit_cli = build_cli(recipe, [*extra, "--trainer.max_steps", str(warmup + steps),
+                                     "--trainer.max_epochs", "-1"], out_dir)  # fmt: skip
+        timer = StepTimer(warmup)
+        fit_cli.trainer.callbacks.append(timer)
+        fit_cli.trainer.fit(fit_cli.model, fit_cli.datamodule)
+        c = timer.images_per_s
+        rows.append((recipe.name, tuple(x.shape), a, mem_a, b, mem_b, c, timer.peak_mem))
+        loader_rows.append((recipe.name, loader_only(build_cli(recipe, extra, out_dir), steps)))
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    lines = [
+        f"Measured {datetime.date.today()} on {gpu}, torch {torch.__version__}, python {platform.python_version()}, "
+        f"{steps} steps after {warmup} warm-up steps.",
+        "",
+        "| recipe | batch | (a) plain fp32 img/s | (b) plain best img/s | (c) octlightning fit img/s | c/a | c/b "
+        "| peak GiB a / b / c |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, shape, a, ma, b, mb, c, mc in rows:
+        lines.append(
+            f"| {name} | {'x'.join(map(str, shape))} | {a:.1f} | {b:.1f} | {c:.1f} | {c / a:.2f} | {c / b:.2f} "
+            f"| {ma:.1f} / {mb:.1f} / {mc:.1f} |"
+        )
+    lines += ["", "| DataModule (training loader, augmentation on) | images/s |", "|---|---|"]
+    lines += [f"| {name} | {ips:.1f} |" for name, ips in loader_rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="small networks on the CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--recipes", nargs="*", default=None, help="substrings of recipe names to run")
+    parser.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    args = parser.parse_args()
+    steps = args.steps or (10 if args.cpu else 50)
+    warmup = args.warmup or (3 if args.cpu else 10)
+    recipes = [r for r in RECIPES if not args.recipes or any(s.lower() in r.name.lower() for s in args.recipes)]
+    torch.set_float32_matmul_precision("high")
+    table = run(recipes, args.cpu, steps, warmup, Path(args.out))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

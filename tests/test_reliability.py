@@ -1,0 +1,117 @@
+"""Interrupted runs lose nothing: SIGKILL resumes from last.ckpt, SIGTERM saves before exiting."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from octlightning.cli import run_cli
+from tests.conftest import REPO, TINY_VESSEL, run_octlightning
+
+CONFIG = str(REPO / "hparams" / "vessel_unet.json")
+
+
+def _fit_args(drive_root: Path, runs: Path, version: str, epochs: int, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", CONFIG, "--data.init_args.root", str(drive_root), *TINY_VESSEL,
+        "--trainer.default_root_dir", str(runs), "--version", version, "--comet", "false",
+        "--overlay_every_n_epochs", "0", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.max_epochs", str(epochs), "--data.init_args.patch_size", "32",
+        "--data.init_args.patches_per_image", "8", *extra,
+    ]  # fmt: skip
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "octlightning", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"), start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    start = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{proc.stdout.read().decode()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.2)
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run(drive_root, tmp_path):
+    epochs = 3
+    run_octlightning(_fit_args(drive_root, tmp_path, "clean", epochs))
+    clean = tmp_path / "vessel_unet" / "clean"
+
+    killed = tmp_path / "vessel_unet" / "killed"
+    proc = _start(_fit_args(drive_root, tmp_path, "killed", epochs))
+    _wait_for(killed / "checkpoints" / "last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _ckpt(killed / "checkpoints" / "last.ckpt")
+    assert first["epoch"] < epochs - 1, "the kill came too late to test anything"
+
+    run_octlightning(_fit_args(drive_root, tmp_path, "killed", epochs))  # same command: resumes by itself
+    for run in (clean, killed):
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert _ckpt(killed / "checkpoints" / "last.ckpt")["epoch"] == _ckpt(clean / "checkpoints" / "last.ckpt")["epoch"]
+    assert (
+        _ckpt(killed / "checkpoints" / "last.ckpt")["global_step"]
+        == _ckpt(clean / "checkpoints" / "last.ckpt")["global_step"]
+    )
+    val_epochs = {int(r["epoch"]) for r in csv.DictReader(open(killed / "metrics.csv")) if r.get("val/dice")}
+    assert val_epochs == set(range(epochs)), "metrics of the epochs before the kill are kept"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting(drive_root, tmp_path):
+    run = tmp_path / "vessel_unet" / "term"
+    proc = _start(_fit_args(drive_root, tmp_path, "term", 50))
+    _wait_for(run / "checkpoints" / "last.ckpt", proc)
+    step_at_epoch_end = _ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert "SIGTERM received, saved" in out, out[-3000:]
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] > step_at_epoch_end
+
+
+@pytest.mark.slow
+def test_one_failing_ddp_rank_ends_every_rank_with_the_original_error(drive_root, tmp_path):
+    args = _fit_args(drive_root, tmp_path, "fault", 5, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    args += ["--model.init_args.net.init_args.batch_norm", "false"]
+    args += ["--trainer.callbacks+=tests.fault_injection.RaiseOnRank"]
+    start = time.time()
+    proc = _start(args)
+    try:
+        out = proc.communicate(timeout=180)[0].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the surviving rank hung after the other failed") from None
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in out
+    assert time.time() - start < 180
+
+
+def test_same_config_and_seed_give_the_same_validation_metrics_on_cpu(drive_root, tmp_path):
+    rows = []
+    for version in ("a", "b"):
+        run_cli(_fit_args(drive_root, tmp_path, version, 2, "--data.init_args.patches_per_image", "2"))
+        metrics = tmp_path / "vessel_unet" / version / "metrics.csv"
+        rows.append([{k: v for k, v in r.items() if k.startswith("val/")} for r in csv.DictReader(open(metrics))])
+    assert rows[0] == rows[1]
+    assert any(r.get("val/loss") for r in rows[0])
