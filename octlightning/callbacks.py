@@ -227,7 +227,7 @@ class ThresholdedJaccard(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Callbacks run before the module's hook, which gathers and writes these rows (BaseTask).
-        rows = [r for r in getattr(pl_module, "_result_rows", []) if "iou" in r]
+        rows = [r for r in getattr(pl_module, "result_rows", []) if "iou" in r]
         scores = thresholded_jaccard([float(r["iou"]) for r in rows], self.threshold)
         for row, value in zip(rows, scores.tolist(), strict=True):
             row["thresholded_jaccard"] = value

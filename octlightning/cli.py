@@ -8,6 +8,7 @@ the data are chosen by ``class_path`` in the config; every key can be overridden
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import CheckpointOnSigterm, LogOverlays
 from octlightning.loggers import CometLogger, CSVLogger
+
+RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
 
 
 def next_version(experiment_dir: Path) -> str:
@@ -91,8 +94,23 @@ class OctLightningCLI(LightningCLI):
     def _run_location(self) -> tuple[Path, str, str]:
         root = Path(self._cfg()["trainer"].get("default_root_dir") or "runs")
         name = self.experiment_name()
+        inherited = os.environ.get(RUN_DIR_ENV)
+        if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+            # A DDP worker started by Lightning's launcher: use the folder its rank 0 chose, which
+            # may already exist (so "next version" would differ).
+            run_dir = Path(inherited)
+            return run_dir.parent.parent, run_dir.parent.name, run_dir.name
         version = self._cfg().get("version") or next_version(root / name)
+        os.environ[RUN_DIR_ENV] = str(root / name / version)
         return root, name, version
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model exactly as the config and command line give it.
+
+        Lightning would overwrite the model's arguments with the hyperparameters saved in
+        ``--ckpt_path``, silently undoing command-line overrides (``--model.init_args.threshold``).
+        A checkpoint that does not fit the configured network fails loudly at load time instead.
+        """
 
     # ------------------------------------------------------------------ trainer
     def instantiate_trainer(self, **kwargs: Any):
@@ -102,8 +120,9 @@ class OctLightningCLI(LightningCLI):
         run_dir = root / name / version
         self.run_dir = run_dir
 
-        if trainer_cfg.get("default_root_dir") is None:
-            kwargs["default_root_dir"] = str(root)
+        # The run folder is the trainer's root: checkpoints without a logger, SLURM's hpc_ckpt files
+        # and every table the tasks write stay inside this run (the config's value is the runs root).
+        kwargs["default_root_dir"] = str(run_dir)
         if trainer_cfg.get("precision") is None:
             kwargs["precision"] = default_precision()
         if trainer_cfg.get("benchmark") is None and torch.cuda.is_available():
@@ -167,11 +186,19 @@ def run_cli(args: list[str] | None = None) -> OctLightningCLI:
 
 
 def main() -> None:
-    """Console entry point (``octlightning``); ``octlightning sweep ...`` goes to :mod:`octlightning.sweep`."""
+    """Console entry point (``octlightning``).
+
+    ``octlightning sweep ...`` goes to :mod:`octlightning.sweep`, ``octlightning check-data ...`` to
+    :mod:`octlightning.check_data`; everything else is a LightningCLI subcommand.
+    """
     if len(sys.argv) > 1 and sys.argv[1] == "sweep":
         from octlightning.sweep import main as sweep_main
 
         sys.exit(sweep_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "check-data":
+        from octlightning.check_data import main as check_data_main
+
+        sys.exit(check_data_main(sys.argv[2:]))
     run_cli()
 
 

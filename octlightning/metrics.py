@@ -241,3 +241,14 @@ def thresholded_jaccard(
     """
     iou = torch.as_tensor(iou, dtype=torch.float64)
     return torch.where(iou < threshold, torch.zeros_like(iou), iou)
+
+
+def dice_iou_from_stat_scores(stats: Tensor) -> dict[str, Tensor]:
+    """Per-class Dice and IoU from torchmetrics ``StatScores(average="none")`` rows (tp, fp, tn, fn, sup).
+
+    A class absent from both reference and prediction gets NaN (undefined), so that averaging with
+    ``nanmean`` skips it instead of counting it as a failure (torchmetrics' F1 scores it 0, which caps
+    the mean Dice of a dataset without SRF or PED at 1/3 in the RETOUCH recipe).
+    """
+    tp, fp, _, fn, _ = stats.double().unbind(-1)
+    return {"dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn)}

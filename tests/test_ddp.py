@@ -39,3 +39,11 @@ def test_ddp_validation_metrics_equal_a_single_process_computation(drive_root, t
     single = _last_val_row(tmp_path / "vessel_unet" / "single" / "metrics.csv")
     for key in ("val/dice", "val/iou", "val/accuracy", "val/sensitivity", "val/specificity", "val/auroc", "val/loss"):
         assert float(ddp[key]) == pytest.approx(float(single[key]), abs=1e-5), key
+
+    # `test` on 2 ranks: the per-image table holds every test image exactly once, written by rank 0.
+    run_octlightning([
+        "test", *common, "--version", "ddp_test", "--ckpt_path", str(ddp_dir / "checkpoints" / "last.ckpt"),
+        "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    ])  # fmt: skip
+    rows = list(csv.DictReader(open(tmp_path / "vessel_unet" / "ddp_test" / "test_metrics.csv")))
+    assert [r["id"] for r in rows] == ["01", "02"]

@@ -56,7 +56,8 @@ class BaseTask(L.LightningModule):
         self.channels_last = channels_last
         self.compile = compile
         self._forward_impl: Callable[[Tensor], Any] | None = None
-        self._result_rows: list[dict[str, Any]] = []
+        # Per-sample rows of the running stage, before gathering; callbacks may add columns to them.
+        self.result_rows: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- fast path
     def networks(self) -> list[nn.Module]:
@@ -145,18 +146,21 @@ class BaseTask(L.LightningModule):
     # ----------------------------------------------------------------- run folder
     @property
     def run_dir(self) -> Path:
-        """The run folder (``runs/<experiment>/<version>/``), where tables and images go."""
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
-        return Path(log_dir or self.trainer.default_root_dir)
+        """The run folder (``runs/<experiment>/<version>/``), where tables and images go.
+
+        The CLI makes it the trainer's ``default_root_dir``, identical on every DDP rank; reading it
+        needs no collective call (``trainer.log_dir`` broadcasts, which hangs when only rank 0 asks).
+        """
+        return Path(self.trainer.default_root_dir)
 
     def add_result_row(self, row: dict[str, Any]) -> None:
         """Collect one per-sample result (test metrics, predictions) for :meth:`gather_result_rows`."""
-        self._result_rows.append(row)
+        self.result_rows.append(row)
 
     def gather_result_rows(self, key: str = "id") -> list[dict[str, Any]]:
         """Rows from every DDP rank, duplicates by ``key`` dropped, sorted; empty on ranks other than 0."""
-        rows = self._result_rows
-        self._result_rows = []
+        rows = self.result_rows
+        self.result_rows = []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[list[dict]] = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
             torch.distributed.all_gather_object(gathered, rows)

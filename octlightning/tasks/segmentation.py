@@ -15,6 +15,7 @@ from octlightning.inference import sliding_window as tiled_inference
 from octlightning.losses import build_segmentation_loss
 from octlightning.metrics import (
     confusion_counts,
+    dice_iou_from_stat_scores,
     hd95_per_class,
     mean_row,
     score_row,
@@ -109,9 +110,10 @@ class SegmentationTask(BaseTask):
                 metrics["auroc"] = tmc.BinaryAUROC(thresholds=200)
         else:
             k = self.num_classes
+            # Per-class Dice/IoU come from the counts (see _log_metrics): a class absent from both
+            # reference and prediction is undefined there, not a score of 0 (torchmetrics' F1).
             metrics = {
-                "dice": tmc.MulticlassF1Score(k, average="none"),
-                "iou": tmc.MulticlassJaccardIndex(k, average="none"),
+                "stats": tmc.MulticlassStatScores(k, average="none"),
                 "accuracy": tmc.MulticlassAccuracy(k, average="micro"),
             }
         return torchmetrics.MetricCollection(metrics)
@@ -157,14 +159,16 @@ class SegmentationTask(BaseTask):
         values = metrics.compute()  # synced over DDP ranks by torchmetrics
         metrics.reset()
         flat: dict[str, Tensor] = {}
-        for name, value in values.items():
-            if value.ndim == 0:
-                flat[f"{prefix}/{name}"] = value
-            else:  # per-class values: log each foreground class and their mean
+        stats = values.pop("stats", None)
+        if stats is not None:  # multi-class: (K, 5) tp, fp, tn, fn, support
+            for name, value in dice_iou_from_stat_scores(stats).items():
                 fg = value[1:]
                 for cname, v in zip(self.class_names, fg, strict=True):
                     flat[f"{prefix}/{name}_{cname}"] = v
-                flat[f"{prefix}/{name}"] = fg.mean()
+                # mean over the foreground classes present in reference or prediction
+                flat[f"{prefix}/{name}"] = fg.nanmean()
+        for name, value in values.items():
+            flat[f"{prefix}/{name}"] = value
         for key, value in flat.items():
             self.log(key, value.float(), prog_bar=key == f"{prefix}/dice")
         return {k: float(v) for k, v in flat.items()}
