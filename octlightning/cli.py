@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import CheckpointOnSigterm, LogOverlays
+from octlightning.data.base import DataError
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
@@ -199,7 +200,15 @@ def main() -> None:
         from octlightning.check_data import main as check_data_main
 
         sys.exit(check_data_main(sys.argv[2:]))
-    run_cli()
+    try:
+        run_cli()
+    except DataError as err:
+        # Bad data is the user's to fix, not ours to debug: one line naming the file, no traceback
+        # (from a loader worker the message arrives wrapped in the worker's traceback text).
+        message = str(err).strip().splitlines()
+        cause = next((line for line in reversed(message) if "DataError: " in line), message[-1] if message else "")
+        print(f"octlightning: data error: {cause.split('DataError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

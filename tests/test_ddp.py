@@ -28,9 +28,10 @@ def test_ddp_validation_metrics_equal_a_single_process_computation(drive_root, t
     ]  # fmt: skip
     run_octlightning([
         "fit", *common, "--version", "ddp", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-        "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--comet", "true",
     ])  # fmt: skip
     ddp_dir = tmp_path / "vessel_unet" / "ddp"
+    assert len(list(ddp_dir.glob("*.zip"))) == 1, "one Comet experiment per run, not one per rank"
     ddp = _last_val_row(ddp_dir / "metrics.csv")
 
     run_octlightning([

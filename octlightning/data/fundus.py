@@ -18,7 +18,15 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, DataError, make_pad_collate, split_indices
-from octlightning.data.io import check_pairs, list_images, read_binary_mask, read_image, require_dir
+from octlightning.data.io import (
+    check_pairs,
+    list_images,
+    read_binary_mask,
+    read_image,
+    require_dir,
+    require_utf8_name,
+    unique_index,
+)
 from octlightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -62,23 +70,23 @@ def scan_fundus_files(
     """Find ``(id, image, vessel mask, fov mask)`` paths for a split; checks that pairs are complete."""
     if layout == "drive":
         folder = require_dir(root / ("training" if split == "train" else "test"), f"DRIVE {split}")
-        images = {_leading_number(p): p for p in list_images(require_dir(folder / "images", "DRIVE images"))}
+        images = unique_index(list_images(require_dir(folder / "images", "DRIVE images")), _leading_number, "image")
         manual_dir = folder / "1st_manual"
         if manual_dir.is_dir():
-            masks = {_leading_number(p): p for p in list_images(manual_dir)}
+            masks = unique_index(list_images(manual_dir), _leading_number, "vessel mask")
             check_pairs(images, masks, "vessel mask (1st_manual/NN_manual1.gif)")
         elif split == "train":
             raise DataError(f"{manual_dir}: DRIVE training folder has no 1st_manual vessel masks")
         else:
             masks = {}
         fov_dir = require_dir(folder / "mask", "DRIVE field-of-view mask")
-        fovs = {_leading_number(p): p for p in list_images(fov_dir)}
+        fovs = unique_index(list_images(fov_dir), _leading_number, "FOV mask")
         check_pairs(images, fovs, "FOV mask (mask/NN_<split>_mask.gif)")
         return [(k, images[k], masks.get(k), fovs[k]) for k in sorted(images)]
     if layout == "chase":
         require_dir(root, "CHASE_DB1")
-        images = {p.stem: p for p in list_images(root, (".jpg",)) if p.stem.startswith("Image_")}
-        masks = {p.stem.removesuffix("_1stHO"): p for p in root.glob("Image_*_1stHO.png")}
+        images = unique_index((p for p in list_images(root, (".jpg",)) if p.stem.startswith("Image_")), what="image")
+        masks = {p.stem.removesuffix("_1stHO"): require_utf8_name(p) for p in root.glob("Image_*_1stHO.png")}
         if not images:
             raise DataError(f"{root}: no CHASE_DB1 images (Image_NNX.jpg) found")
         check_pairs(images, masks, "1st-observer mask (Image_NNX_1stHO.png)")
@@ -89,12 +97,12 @@ def scan_fundus_files(
         base = root if split == "train" else root / "test"
         if split == "test" and not base.is_dir():
             raise DataError(f"{base}: no test folder (expected test/images and test/masks)")
-        images = {p.stem: p for p in list_images(require_dir(base / "images", "images"))}
-        masks = {p.stem: p for p in list_images(require_dir(base / "masks", "masks"))}
+        images = unique_index(list_images(require_dir(base / "images", "images")), what="image")
+        masks = unique_index(list_images(require_dir(base / "masks", "masks")), what="mask")
         check_pairs(images, masks)
         fovs = {}
         if (base / "fov").is_dir():
-            fovs = {p.stem: p for p in list_images(base / "fov")}
+            fovs = unique_index(list_images(base / "fov"), what="FOV mask")
             check_pairs(images, fovs, "FOV mask")
         return [(k, images[k], masks[k], fovs.get(k)) for k in sorted(images)]
     raise ValueError(f"unknown fundus layout {layout!r}; choose drive, chase or folder")
@@ -251,7 +259,7 @@ class FundusVesselDataModule(BaseDataModule):
                 paths = list_images(require_dir(Path(self.predict_dir), "predict"))
                 if not paths:
                     raise DataError(f"{self.predict_dir}: no images to predict")
-                files = [(p.stem, p, None, None) for p in paths]
+                files = [(k, p, None, None) for k, p in unique_index(paths, what="image to predict").items()]
             else:
                 files = [
                     (k, img, None, fov) for k, img, _, fov in scan_fundus_files(Path(self.root), self.layout, "test")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +12,68 @@ from PIL import Image, UnidentifiedImageError
 from octlightning.data.base import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
+# PIL modes holding more than 8 bits per pixel: converting them to "L"/"RGB" clips (16-bit) or
+# zeroes (NaN) values without a word, so they are checked first.
+WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """The path as printable text: bytes that are not UTF-8 appear as ``\\xNN`` (never a surrogate)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def require_utf8_name(path: Path) -> Path:
+    """Refuse a file name that is not valid UTF-8: ids, logs and result tables made from it cannot be written."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{shown_path(path)}: the file name is not valid UTF-8 (undecodable bytes shown as \\xNN); rename the file"
+        ) from None
+    return path
+
+
+def load_image(path: Path, what: str = "image") -> Image.Image:
+    """Open and decode one image file, refusing empty, unreadable, multi-page and NaN/inf files."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the {what} file is empty (0 bytes)")
+        with Image.open(path) as im:
+            # A TIFF/GIF/PNG stack where one 2-D picture belongs (e.g. a whole OCT volume): PIL would
+            # silently give its first page. MPO is a JPEG with embedded previews, one picture.
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":
+                raise DataError(f"{path}: the {what} file holds {frames} pages/frames; expected one 2-D image")
+            im.load()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise DataError(f"{path}: cannot decode the {what} ({err}); the file is truncated or not an image") from err
+    if im.mode == "F":
+        arr = np.asarray(im)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise DataError(f"{path}: the {what} holds {int(bad.sum())} NaN/inf pixel values ({bad.mean():.1%})")
+    return im
 
 
 def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
-    """Decode an image file to a uint8 array in PIL ``mode`` (``"RGB"`` or ``"L"``)."""
-    try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the file is empty (0 bytes)")
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert(mode))
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode the image ({err}); the file is truncated or not an image") from err
+    """Decode an image file to a uint8 array in PIL ``mode`` (``"RGB"`` or ``"L"``).
+
+    16-bit and floating-point files are accepted only when every value is an integer in 0..255;
+    anything else would be clipped or truncated, so it is an error naming the file.
+    """
+    im = load_image(path)
+    if im.mode in WIDE_MODES:
+        arr = np.asarray(im)
+        low, high = float(arr.min()), float(arr.max())
+        if low < 0 or high > 255 or not np.array_equal(arr, np.round(arr)):
+            raise DataError(
+                f"{path}: {arr.dtype} image ({im.mode}) with values {low:g}..{high:g}; expected 8-bit "
+                f"grey levels 0..255 (convert it to 8 bit, choosing the intensity window yourself)"
+            )
+        im = Image.fromarray(arr.astype(np.uint8))
+    return np.asarray(im.convert(mode))
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
@@ -32,20 +81,10 @@ def read_binary_mask(path: Path) -> np.ndarray:
 
     Anything with more than two grey values is refused instead of guessed at.
     """
-    try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the mask file is empty (0 bytes)")
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("L")
-            elif im.mode not in ("1", "L", "I", "I;16"):
-                im = im.convert("L")
-            arr = np.asarray(im)
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode the mask ({err})") from err
+    im = load_image(path, "mask")
+    if im.mode not in ("1", "L", "I", "I;16"):
+        im = im.convert("L")
+    arr = np.asarray(im)
     values = np.unique(arr)
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         shown = values[:8].tolist()
@@ -59,7 +98,23 @@ def read_binary_mask(path: Path) -> np.ndarray:
 def list_images(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files in a folder, sorted by name; hidden files skipped."""
     suffixes = tuple(s.lower() for s in suffixes)
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    return [require_utf8_name(p) for p in paths]
+
+
+def unique_index(
+    paths: Iterable[Path], key: Callable[[Path], str] = lambda p: p.stem, what: str = "file"
+) -> dict[str, Path]:
+    """``{id: path}``, failing when two files give one id (``a.png`` and ``a.jpg``): one would be lost."""
+    index: dict[str, Path] = {}
+    for path in paths:
+        k = key(path)
+        if k in index:
+            raise DataError(
+                f"{index[k]} and {path}: two {what}s with the id {k!r}; ids must be unique (remove or rename one)"
+            )
+        index[k] = path
+    return index
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -32,7 +32,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, DataError, split_indices
-from octlightning.data.io import check_pairs, list_images, read_binary_mask, read_image, require_dir
+from octlightning.data.io import (
+    check_pairs,
+    list_images,
+    read_binary_mask,
+    read_image,
+    require_dir,
+    require_utf8_name,
+)
 from octlightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -102,13 +109,14 @@ def scan_pairs(
         for path in sorted(mask_dir.glob(mask_pattern.replace("{stem}", "*"))):
             m = rx.fullmatch(path.relative_to(mask_dir).as_posix())
             if m and path.is_file():
-                masks[m["stem"]] = path
+                masks[m["stem"]] = require_utf8_name(path)
     mask_files = set(masks.values())
     images: dict[str, Path] = {}
     for path in sorted(image_dir.glob(image_glob)):
         # An image glob may also match the masks when both share a folder (e.g. *.png, {stem}_mask.png).
         if not path.is_file() or path.name.startswith(".") or path in mask_files:
             continue
+        require_utf8_name(path)  # the stem becomes the sample id, written to logs and tables
         if path.stem in images:
             raise DataError(f"two images named {path.stem!r}: {images[path.stem]} and {path}; ids must be unique")
         images[path.stem] = path

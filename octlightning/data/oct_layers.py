@@ -219,6 +219,11 @@ def inspect_layer_file(
         layers = None
         if layer_key is not None and (require_layers or layer_key in f):
             layers = _require(f, path, layer_key, 3, "boundary rows (N, W, L)")
+            if not (np.issubdtype(layers.dtype, np.integer) or np.issubdtype(layers.dtype, np.floating)):
+                raise DataError(
+                    f"{path}: dataset {layer_key!r} has dtype {layers.dtype}, expected boundary rows as numbers "
+                    f"(floats, NaN where unannotated)"
+                )
             if layers.shape[0] != n:
                 raise DataError(
                     f"{path}: {image_key!r} holds {n} B-scans but {layer_key!r} holds {layers.shape[0]}; "
@@ -259,7 +264,12 @@ def inspect_layer_file(
             subjects = _require(f, path, subject_key, 1, "subject per B-scan (N,)")[()]
             if len(subjects) != n:
                 raise DataError(f"{path}: {subject_key!r} has {len(subjects)} entries for {n} B-scans")
-            index.subjects = np.array([s.decode() if isinstance(s, bytes) else s for s in subjects])
+            try:
+                index.subjects = np.array([s.decode() if isinstance(s, bytes) else s for s in subjects])
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}: dataset {subject_key!r} holds a subject id that is not UTF-8 text ({err})"
+                ) from None
         spacing = f.attrs.get("pixel_spacing_um")
         if spacing is not None:
             index.spacing_um = float(np.asarray(spacing).reshape(-1)[0])

@@ -36,11 +36,11 @@ from typing import Literal
 import h5py
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, DataError, make_pad_collate, split_indices
-from octlightning.data.io import check_pairs, list_images, read_image, require_dir
+from octlightning.data.io import check_pairs, list_images, load_image, read_image, require_dir, unique_index
 from octlightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -170,20 +170,14 @@ def write_info(path: str | Path, names: list[str], values: list[int], ignore_val
 
 def read_value_mask(path: Path) -> np.ndarray:
     """A class-map PNG as a 2-D integer array of its stored intensities (8 or 16 bit, gray or equal RGB)."""
-    try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the mask file is empty (0 bytes)")
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("RGB")
-            arr = np.asarray(im)
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode the mask ({err})") from err
+    im = load_image(path, "mask")
+    if im.mode == "P":
+        im = im.convert("RGB")
+    arr = np.asarray(im)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path}: {arr.dtype} class map; expected integer class values (8 or 16 bit)")
     if arr.ndim == 3:
         # Colour masks are refused rather than converted to gray, which could merge two classes.
         if arr.shape[2] == 4:
@@ -227,12 +221,12 @@ def volume_ids(names: list[str], pattern: str | None, where: Path) -> list[str |
 
 def scan_split(folder: Path, need_masks: bool, volume_pattern: str | None) -> list[SemSegItem]:
     """Pair ``bscan/*.png`` with ``semseg/*.png`` of one split folder (masks optional unless needed)."""
-    images = {p.stem: p for p in list_images(require_dir(folder / "bscan", "B-scan (bscan/)"))}
+    images = unique_index(list_images(require_dir(folder / "bscan", "B-scan (bscan/)")), what="B-scan")
     if not images:
         raise DataError(f"{folder / 'bscan'}: no B-scan images")
     mask_dir = folder / "semseg"
     if mask_dir.is_dir():
-        masks = {p.stem: p for p in list_images(mask_dir)}
+        masks = unique_index(list_images(mask_dir), what="class map")
         check_pairs(images, masks, "class map (semseg/<same name>.png)")
     elif need_masks:
         raise DataError(f"{mask_dir}: class-map folder not found; cannot train on or score this split")
@@ -397,7 +391,7 @@ class OCTSemSegDataModule(BaseDataModule):
                 paths = list_images(require_dir(Path(self.predict_dir), "predict"))
                 if not paths:
                     raise DataError(f"{self.predict_dir}: no B-scans to predict")
-                items = [SemSegItem(p.stem, p, None, None) for p in paths]
+                items = [SemSegItem(k, p, None, None) for k, p in unique_index(paths, what="B-scan").items()]
             else:
                 items = [
                     SemSegItem(i.id, i.image, None, None)

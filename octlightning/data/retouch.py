@@ -62,6 +62,7 @@ from skimage.morphology import disk
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, DataError, make_pad_collate, split_indices
+from octlightning.data.io import require_utf8_name, shown_path
 from octlightning.data.transforms import SeededTransform, segmentation_augmentation
 
 VENDORS = ("Cirrus", "Spectralis", "Topcon")
@@ -139,6 +140,9 @@ def find_cases(
         raise DataError(f"{root}: no RETOUCH cases found (expected <case>/oct.mhd, optionally <vendor set>/<case>/)")
     cases: dict[str, RetouchCase] = {}
     for folder in folders:
+        # Case names become ids, cache folders and table rows; SimpleITK aborts on undecodable paths.
+        for part in (folder, folder.parent) if folder.parent != root else (folder,):
+            require_utf8_name(part)
         name = folder.name
         if name in cases:
             raise DataError(f"{folder}: case name {name} also used by {cases[name].folder}; case names must be unique")
@@ -200,6 +204,13 @@ def read_metaimage(path: Path, case: str) -> tuple[np.ndarray, tuple[float, floa
     """A 3-D MetaImage as a ``(slices, rows, columns)`` array and its spacing ``(x, y, z)`` in mm."""
     if not path.is_file():
         raise DataError(f"{case}: {path} not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{case}: {path} is empty (0 bytes); not a MetaImage header")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # SimpleITK's C++ side aborts the whole process on such a path instead of raising.
+        raise DataError(f"{case}: {shown_path(path)}: the path is not valid UTF-8; rename the folder") from None
     header = _mhd_header(path)
     if header.get("NDims", "3") != "3":
         raise DataError(f"{case}: {path} has NDims = {header.get('NDims')}; an OCT volume has 3 dimensions")
@@ -212,7 +223,12 @@ def read_metaimage(path: Path, case: str) -> tuple[np.ndarray, tuple[float, floa
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{case}: {path} has {image.GetNumberOfComponentsPerPixel()} channels; expected grey values")
     spacing = tuple(float(s) for s in image.GetSpacing())
-    return sitk.GetArrayFromImage(image), spacing  # type: ignore[return-value]
+    array = sitk.GetArrayFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int((~np.isfinite(array)).sum())
+        if bad:
+            raise DataError(f"{case}: {path} holds {bad} NaN/inf voxels ({bad / array.size:.2%}); expected finite")
+    return array, spacing  # type: ignore[return-value]
 
 
 def read_case(case: RetouchCase) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
