@@ -30,9 +30,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from octlightning.cli import OctLightningCLI
+from octlightning.losses import masked_regression_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,15 @@ RECIPES = [
         "hparams/oct_segformer.json",
         cpu_args=["--data.init_args.batch_size", "4", "--data.init_args.image_size", "128",
                   "--data.init_args.output_width", "128", "--model.init_args.net.init_args.output_width", "128"],
+    ),
+    Recipe(
+        "MIRAGE-Base frozen + ConvNeXt decoder (Duke DME)",
+        "hparams/duke_dme_foundation.json",
+        # No released weights on this machine: a randomly initialised encoder runs at the same speed.
+        # (jsonargparse reads a nested `...init_args.weights null` as the string "None"; JSON form works)
+        gpu_args=["--model.init_args.net", '{"init_args": {"weights": null}}', "--data.init_args.root", "{semseg}"],
+        cpu_args=["--model.init_args.net", '{"init_args": {"weights": null}}', "--data.init_args.root", "{semseg}",
+                  "--model.init_args.net.init_args.preset", "tiny", "--data.init_args.batch_size", "2"],
     ),
     Recipe(
         "RETOUCH U-Net patches",
@@ -111,25 +120,36 @@ def build_cli(recipe: Recipe, extra: list[str], root_dir: Path) -> OctLightningC
     args = ["--config", str(REPO / recipe.config), "--comet", "false", "--overlay_every_n_epochs", "0",
             "--trainer.default_root_dir", str(root_dir), "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", *extra]  # fmt: skip
+            "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
+            # Same work as the plain loop: no early stopping (no validation here), no frozen encoder.
+            "--early_stopping_patience", "null", "--trainer.callbacks", "[]", *extra]  # fmt: skip
     return OctLightningCLI(args=args, run=False)
 
 
-def _target_and_loss(out: torch.Tensor):
-    """Random targets shaped like the recipe's output and the matching plain loss."""
-    if out.dim() == 3:  # (B, L, W) boundary coordinates
-        return torch.rand_like(out, dtype=torch.float32) * 100, lambda o, t: F.mse_loss(o.float(), t)
+def _target_and_loss(out: torch.Tensor, task: L.LightningModule):
+    """Random targets shaped like the recipe's output, and the recipe's own loss function.
+
+    The same loss on both sides: a plain script of the recipe computes its Dice + CE too, and the
+    comparison is about what the framework adds around it.
+    """
+    if out.dim() == 3:  # (B, L, W) boundary coordinates, masked regression
+        kind = getattr(task, "loss_kind", "mse")
+        return torch.rand_like(out, dtype=torch.float32) * 100, lambda o, t: masked_regression_loss(
+            o.float(), t, torch.ones_like(t, dtype=torch.bool), kind
+        )
     if out.shape[1] == 1:
         t = (torch.rand_like(out, dtype=torch.float32) > 0.9).float()
-        return t, lambda o, t: F.binary_cross_entropy_with_logits(o.float(), t)
-    t = torch.randint(0, out.shape[1], (out.shape[0], *out.shape[2:]), device=out.device)
-    return t, lambda o, t: F.cross_entropy(o.float(), t)
+    else:
+        t = torch.randint(0, out.shape[1], (out.shape[0], 1, *out.shape[2:]), device=out.device)
+    return t, lambda o, t: task.loss_fn(o, t)
 
 
-def plain_loop(net: torch.nn.Module, x: torch.Tensor, steps: int, warmup: int, best: bool) -> tuple[float, float]:
-    """Images/s and peak GiB of a written-out training loop on a fixed device batch."""
+def plain_loop(task: L.LightningModule, x: torch.Tensor, steps: int, warmup: int, best: bool) -> tuple[float, float]:
+    """Images/s and peak GiB of a written-out training loop of ``task.net`` on a fixed device batch."""
     device = x.device
-    net = net.to(device).train()
+    net = task.net.to(device).train()
+    if hasattr(task, "loss_fn"):
+        task.loss_fn.to(device)
     if best:
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -147,7 +167,7 @@ def plain_loop(net: torch.nn.Module, x: torch.Tensor, steps: int, warmup: int, b
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if best else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         out = forward(x)
-    target, loss_fn = _target_and_loss(out if not isinstance(out, dict) else out["pred"])
+    target, loss_fn = _target_and_loss(out, task)
     for i in range(warmup + steps):
         if i == warmup:
             if device.type == "cuda":
@@ -185,12 +205,25 @@ def loader_only(cli: OctLightningCLI, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path) -> str:
+def duke_semseg(out_dir: Path) -> Path:
+    """The shared Duke DME file in the MIRAGE layout (converted once into the benchmark folder)."""
+    from octlightning.data.oct_semseg import convert_h5
+
+    target = out_dir / "duke_dme_semseg"
+    source = REPO.parent / "shared" / "data" / "duke_dme" / "duke_dme_trainval.h5"
+    if not (target / "INFO.json").is_file() and source.is_file():
+        convert_h5(source, target)
+    return target
+
+
+def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path, overrides: list[str]) -> str:
     device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
     rows, loader_rows = [], []
     for recipe in recipes:
         extra = recipe.cpu_args if device.type == "cpu" else recipe.gpu_args
-        extra = [*extra, "--trainer.accelerator", device.type, "--trainer.devices", "1"]
+        if any("{semseg}" in a for a in extra):
+            extra = [a.replace("{semseg}", str(duke_semseg(out_dir))) for a in extra]
+        extra = [*extra, "--trainer.accelerator", device.type, "--trainer.devices", "1", *overrides]
         try:
             cli = build_cli(recipe, extra, out_dir)
         except (SystemExit, Exception) as err:  # data absent on this machine, or a broken config
@@ -202,11 +235,11 @@ def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path
         x = batch["image"].to(device)
         base_state = {k: v.clone() for k, v in cli.model.net.state_dict().items()}
 
-        a, mem_a = plain_loop(cli.model.net, x, steps, warmup, best=False)
+        a, mem_a = plain_loop(cli.model, x, steps, warmup, best=False)
         b, mem_b = (float("nan"), float("nan"))
         if device.type == "cuda":
             cli.model.net.load_state_dict(base_state)
-            b, mem_b = plain_loop(cli.model.net, x, steps, warmup, best=True)
+            b, mem_b = plain_loop(cli.model, x, steps, warmup, best=True)
         cli.model.net.load_state_dict(base_state)
 
         fit_cli = build_cli(recipe, [*extra, "--trainer.max_steps", str(warmup + steps),
@@ -244,12 +277,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--recipes", nargs="*", default=None, help="substrings of recipe names to run")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    parser.add_argument(
+        "--set",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="extra CLI override for every recipe, e.g. --set data.init_args.num_workers 0",
+    )
     args = parser.parse_args()
     steps = args.steps or (10 if args.cpu else 50)
     warmup = args.warmup or (3 if args.cpu else 10)
     recipes = [r for r in RECIPES if not args.recipes or any(s.lower() in r.name.lower() for s in args.recipes)]
     torch.set_float32_matmul_precision("high")
-    table = run(recipes, args.cpu, steps, warmup, Path(args.out))
+    overrides = [item for key, value in args.set for item in (f"--{key}", value)]
+    table = run(recipes, args.cpu, steps, warmup, Path(args.out), overrides)
     print(table)
 
 

@@ -21,7 +21,7 @@ from octlightning.data.mask_folder import ISIC_TEST, ISIC_TRAIN, ISIC_VAL, MaskF
 from octlightning.metrics import confusion_counts, scores_from_counts, thresholded_jaccard
 from octlightning.models.smp_net import SMPNet
 from octlightning.tasks.segmentation import SegmentationTask
-from tests.conftest import REPO, shared
+from tests.conftest import CPU_TRAINER, REPO, shared
 
 # (height, width) of the training images: all different, none square, none the network size.
 TRAIN_SIZES = [(40, 52), (48, 36), (45, 45), (37, 61), (52, 44), (41, 50)]
@@ -394,14 +394,7 @@ TINY_ISIC = [
     "2",
     "--data.init_args.num_workers",
     "0",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
+    *CPU_TRAINER,
     "--comet",
     "false",
 ]

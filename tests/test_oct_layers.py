@@ -27,7 +27,7 @@ from octlightning.data.transforms import SeededTransform
 from octlightning.metrics import BoundaryError
 from octlightning.models.layer_regression import SegFormerLayerRegressor
 from octlightning.tasks.layer_regression import LayerRegressionTask
-from tests.conftest import REPO, shared
+from tests.conftest import CPU_TRAINER, REPO, shared
 
 H, W, N, L = 48, 40, 12, 3
 EMPTY = 5  # a B-scan whose chosen boundaries are all NaN
@@ -394,14 +394,7 @@ def _cli_args(subcommand: str, root: Path, runs: Path, *extra: str, fast: bool =
         TINY_SEGFORMER,
         "--trainer.default_root_dir",
         str(runs),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *CPU_TRAINER,
         *(["--trainer.fast_dev_run", "true"] if fast else ["--comet", "false"]),
         *extra,
     ]

@@ -19,7 +19,7 @@ from octlightning.data.retouch import RetouchDataModule, find_cases, fluid_windo
 from octlightning.inference import sliding_window, tile_starts
 from octlightning.models.discriminator import PairDiscriminator
 from octlightning.models.unet import UNet
-from tests.conftest import REPO, shared
+from tests.conftest import CPU_TRAINER, REPO, shared
 
 SHAPE = (4, 64, 48)  # slices, rows, columns
 SPACING = (0.0117, 0.0039, 0.047)  # x, y, z in mm (MetaImage order)
@@ -300,14 +300,7 @@ TINY = [
     "0.34",
     "--data.init_args.test_fraction",
     "0.34",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
+    *CPU_TRAINER,
     "--comet",
     "false",
 ]

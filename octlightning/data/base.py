@@ -84,7 +84,10 @@ def make_pad_collate(multiple: int, spatial_keys: Sequence[str], pad_values: dic
 
 
 class BaseDataModule(L.LightningDataModule):
-    """Loader settings shared by every DataModule.
+    """Loader settings and loaders shared by every DataModule.
+
+    A subclass's ``setup`` creates ``train_set``/``val_set`` (fit), ``test_set`` (test) and
+    ``predict_set`` (predict); the loaders here serve them with the shared settings.
 
     Args:
         root: the dataset folder or file.
@@ -132,3 +135,15 @@ class BaseDataModule(L.LightningDataModule):
             collate_fn=self.collate_fn(train),
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self):
+        return self._loader(self.predict_set, train=False)

@@ -324,15 +324,3 @@ class MaskFolderDataModule(BaseDataModule):
             else:
                 pairs = [MaskPair(p.id, p.image, None, p.size) for p in self._test_pairs(masks=False)]
             self.predict_set = MaskFolderDataset(pairs, self.image_size)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.predict_set, train=False)

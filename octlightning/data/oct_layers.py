@@ -545,15 +545,3 @@ class OCTLayerDataModule(BaseDataModule):
                 )
                 layer_key = self.layer_key if pindex.num_boundaries is not None else None
                 self.predict_set = self._dataset(pindex, range(pindex.n), layer_key)
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.predict_set, train=False)

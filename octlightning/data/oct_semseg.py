@@ -402,18 +402,6 @@ class OCTSemSegDataModule(BaseDataModule):
     def collate_fn(self, train: bool):
         return make_pad_collate(self.pad_to, ("image", "mask", "fov"))
 
-    def train_dataloader(self):
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.predict_set, train=False)
-
 
 # --------------------------------------------------------------------------- HDF5 converter
 # Layer names of the Duke DME boundary set (Chiu et al. 2015): class k lies between boundaries k-1 and k.

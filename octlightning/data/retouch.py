@@ -904,15 +904,3 @@ class RetouchDataModule(BaseDataModule):
 
     def collate_fn(self, train: bool):
         return None if train else make_pad_collate(self.pad_to, ("image", "mask"))
-
-    def train_dataloader(self):
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self):
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.predict_set, train=False)
