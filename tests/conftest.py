@@ -30,25 +30,22 @@ def drive_root(tmp_path_factory) -> Path:
     return write_drive_layout(tmp_path_factory.mktemp("drive"), n_train=9, n_test=2, size=(64, 72), seed=1)
 
 
+# One CPU process, quiet: what every CLI test runs on.
+CPU_TRAINER = [
+    "--trainer.accelerator", "cpu",
+    "--trainer.devices", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
 # Shrinks the vessel recipe to something a 2-core CPU runs in seconds.
 TINY_VESSEL = [
-    "--model.init_args.net.init_args.base_channels",
-    "4",
-    "--model.init_args.net.init_args.depth",
-    "2",
-    "--data.init_args.num_workers",
-    "0",
-    "--data.init_args.batch_size",
-    "2",
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.devices",
-    "1",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
+    "--model.init_args.net.init_args.base_channels", "4",
+    "--model.init_args.net.init_args.depth", "2",
+    "--data.init_args.num_workers", "0",
+    "--data.init_args.batch_size", "2",
+    *CPU_TRAINER,
+]  # fmt: skip
 
 
 def run_octlightning(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
