@@ -172,8 +172,28 @@ class OctLightningCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    def _load_checkpoints_safely(self) -> None:
+        """``--ckpt_path`` files load with ``weights_only=True`` unless the user says otherwise.
+
+        torch's own default has changed between releases; a checkpoint from elsewhere must not be able
+        to run code when it is unpickled.
+        """
+        cfg = self.config_init[self.subcommand]
+        if "weights_only" in cfg and cfg["weights_only"] is None:
+            cfg["weights_only"] = True
+
+    def before_validate(self) -> None:
+        self._load_checkpoints_safely()
+
+    def before_test(self) -> None:
+        self._load_checkpoints_safely()
+
+    def before_predict(self) -> None:
+        self._load_checkpoints_safely()
+
     def before_fit(self) -> None:
         """Resume automatically when the named run folder already holds ``last.ckpt``."""
+        self._load_checkpoints_safely()
         fit_cfg = self.config_init["fit"]
         last = self.run_dir / "checkpoints" / "last.ckpt"
         if fit_cfg.get("ckpt_path") is None and self._cfg().get("version") and last.is_file():

@@ -24,3 +24,25 @@ def test_nested_state_dicts_are_unwrapped(tmp_path):
     assert torch.equal(load_state_dict(path)["w"], torch.ones(2))
     with pytest.raises(FileNotFoundError):
         load_state_dict(tmp_path / "missing.pth")
+
+
+def test_the_cli_refuses_a_checkpoint_that_would_run_code(drive_root, tmp_path):
+    import pickle
+
+    from octlightning.cli import run_cli
+    from tests.conftest import REPO, TINY_VESSEL
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.0", "payload": Exploit()}, evil)
+    args = ["test", "--config", str(REPO / "hparams" / "vessel_unet.json"), "--data.init_args.root", str(drive_root),
+            *TINY_VESSEL, "--trainer.default_root_dir", str(tmp_path / "runs"), "--comet", "false",
+            "--ckpt_path", str(evil)]  # fmt: skip
+    with pytest.raises(pickle.UnpicklingError):
+        run_cli(args)
+    assert not marker.exists()
