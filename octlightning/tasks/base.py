@@ -82,14 +82,13 @@ class BaseTask(L.LightningModule):
         if self._forward_impl is not None:
             try:
                 return self._forward_impl(x)
-            except Exception as err:  # compilation errors surface at the first call
+            except Exception as err:  # compilation errors surface at a call (first use, a new shape)
                 warnings.warn(
                     f"torch.compile failed for {type(self.net).__name__}, running eagerly instead: "
                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                     stacklevel=2,
                 )
                 self._forward_impl = None
-                self.compile_failed = True
         return self.net(x)
 
     # ----------------------------------------------------------------- optimisation
