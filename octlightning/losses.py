@@ -37,6 +37,18 @@ def _probs_and_onehot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return probs, onehot
 
 
+def _soft_overlap(
+    logits: Tensor, target: Tensor, valid: Tensor | None, include_background: bool
+) -> tuple[Tensor, Tensor]:
+    """Per-class soft intersection and soft sum ``|P| + |R|`` over the batch, inside ``valid``."""
+    probs, onehot = _probs_and_onehot(logits, target)
+    w = _valid_or_ones(valid, onehot[:, 0]).unsqueeze(1)
+    if probs.shape[1] > 1 and not include_background:
+        probs, onehot = probs[:, 1:], onehot[:, 1:]
+    dims = (0, 2, 3)
+    return (probs * onehot * w).sum(dims), ((probs + onehot) * w).sum(dims)
+
+
 class DiceLoss(nn.Module):
     """Soft Dice loss, averaged over classes (foreground only for multi-class unless told otherwise).
 
@@ -49,19 +61,12 @@ class DiceLoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-        probs, onehot = _probs_and_onehot(logits, target)
-        w = _valid_or_ones(valid, onehot[:, 0]).unsqueeze(1)
-        if probs.shape[1] > 1 and not self.include_background:
-            probs, onehot = probs[:, 1:], onehot[:, 1:]
-        dims = (0, 2, 3)
-        inter = (probs * onehot * w).sum(dims)
-        denom = ((probs + onehot) * w).sum(dims)
-        dice = (2 * inter + self.smooth) / (denom + self.smooth)
-        return 1 - dice.mean()
+        inter, total = _soft_overlap(logits, target, valid, self.include_background)
+        return 1 - ((2 * inter + self.smooth) / (total + self.smooth)).mean()
 
 
 class IoULoss(nn.Module):
-    """Soft Jaccard loss (1 - soft IoU), masked like :class:`DiceLoss`."""
+    """Soft Jaccard loss (1 - soft IoU), masked and averaged like :class:`DiceLoss`."""
 
     def __init__(self, include_background: bool = False, smooth: float = 1.0) -> None:
         super().__init__()
@@ -69,14 +74,9 @@ class IoULoss(nn.Module):
         self.smooth = smooth
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-        probs, onehot = _probs_and_onehot(logits, target)
-        w = _valid_or_ones(valid, onehot[:, 0]).unsqueeze(1)
-        if probs.shape[1] > 1 and not self.include_background:
-            probs, onehot = probs[:, 1:], onehot[:, 1:]
-        dims = (0, 2, 3)
-        inter = (probs * onehot * w).sum(dims)
-        union = ((probs + onehot - probs * onehot) * w).sum(dims)
-        return 1 - ((inter + self.smooth) / (union + self.smooth)).mean()
+        inter, total = _soft_overlap(logits, target, valid, self.include_background)
+        # soft union |P ∪ R| = |P| + |R| - |P ∩ R|
+        return 1 - ((inter + self.smooth) / (total - inter + self.smooth)).mean()
 
 
 class GeneralizedDiceLoss(nn.Module):
