@@ -7,7 +7,8 @@ For each recipe, with the network and batch size of its hparams file:
     (c) ``octlightning fit`` with the recipe's hparams and its DataModule reading the real files.
 
 Printed as a markdown table with c/a and c/b, peak GPU memory beside each, plus the loader-only
-throughput of each DataModule (its training dataloader with augmentation, no model).
+throughput of each DataModule (its training dataloader with augmentation, no model), and the
+per-epoch overhead of the vessel recipe (wall time of N epochs on DRIVE against the sum of its steps).
 
     python benchmarks/bench.py                 # GPU: every recipe whose data is present
     python benchmarks/bench.py --cpu           # 2-core CPU: small networks, fp32 (a) vs (c)
@@ -114,6 +115,56 @@ class StepTimer(L.Callback):
     @property
     def images_per_s(self) -> float:
         return self.samples / (self.end - self.start) if self.start else float("nan")
+
+
+class EpochOverhead(L.Callback):
+    """Wall time of a whole fit against the sum of its training-step times (data waits excluded)."""
+
+    def __init__(self) -> None:
+        self.step_seconds = 0.0
+        self.start: float | None = None
+        self.end = 0.0
+        self._t = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.start is None:
+            self.start = self._now()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = self._now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.step_seconds += self._now() - self._t
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = self._now()
+
+    @property
+    def overhead(self) -> float:
+        return (self.end - self.start) / self.step_seconds - 1
+
+
+def vessel_epoch_overhead(epochs: int, cpu: bool, out_dir: Path, overrides: list[str]) -> str:
+    """The vessel recipe on the 20-image DRIVE set, whole images: epochs of wall time vs step time."""
+    recipe = RECIPES[0]
+    extra = [*(recipe.cpu_args if cpu else recipe.gpu_args), "--data.init_args.patch_size", "null",
+             "--data.init_args.patches_per_image", "1", "--trainer.max_epochs", str(epochs),
+             "--trainer.accelerator", "cpu" if cpu else "gpu", "--trainer.devices", "1", *overrides]  # fmt: skip
+    cli = build_cli(recipe, extra, out_dir)
+    timer = EpochOverhead()
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return (
+        f"Vessel recipe, {epochs} epochs of the DRIVE training split (whole images, no validation): "
+        f"{timer.end - timer.start:.1f} s wall, {timer.step_seconds:.1f} s in training steps, "
+        f"per-epoch overhead {timer.overhead:.1%} (target <= 10 %)."
+    )
 
 
 def build_cli(recipe: Recipe, extra: list[str], root_dir: Path) -> OctLightningCLI:
@@ -277,6 +328,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--recipes", nargs="*", default=None, help="substrings of recipe names to run")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the vessel overhead run (0 skips)")
     parser.add_argument(
         "--set",
         nargs=2,
@@ -292,6 +344,9 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     overrides = [item for key, value in args.set for item in (f"--{key}", value)]
     table = run(recipes, args.cpu, steps, warmup, Path(args.out), overrides)
+    epochs = args.epochs if args.epochs is not None else (5 if args.cpu else 50)
+    if epochs and (not args.recipes or any("vessel" in r.lower() for r in args.recipes)):
+        table += "\n\n" + vessel_epoch_overhead(epochs, args.cpu, Path(args.out), overrides)
     print(table)
 
 
