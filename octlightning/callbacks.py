@@ -246,8 +246,7 @@ class WriteVolumes(L.Callback):
     (x, y, z in mm, MetaImage order) and ``size`` (unpadded height, width), as the RETOUCH DataModule
     provides. A volume is written (uint8 MetaImage with the input's spacing) as soon as all its slices
     are in, which keeps memory bounded; under DDP, slices spread over ranks are gathered on rank 0 at
-    the end. Because predictions go to disk, the trainer is told not to keep them all in memory too.
-    Batches without those keys are ignored.
+    the end. Batches without those keys are ignored.
 
     Args:
         folder: sub-folder of the run folder.
@@ -265,7 +264,6 @@ class WriteVolumes(L.Callback):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._slices, self._info, self.written = {}, {}, []
-        trainer.predict_loop.return_predictions = False
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not isinstance(outputs, dict) or "labels" not in outputs:

@@ -190,6 +190,11 @@ class OctLightningCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._load_checkpoints_safely()
+        # Tasks write their predictions to the run folder (and callbacks get each batch's outputs);
+        # collecting every batch's outputs in memory as well would only grow with the dataset.
+        cfg = self.config_init["predict"]
+        if cfg.get("return_predictions") is None:
+            cfg["return_predictions"] = False
 
     def before_fit(self) -> None:
         """Resume automatically when the named run folder already holds ``last.ckpt``."""

@@ -101,6 +101,7 @@ def test_predict_writes_masks_at_original_size_and_overlays(trained_run, drive_r
         )
     )
     out = Path(cli.trainer.log_dir) / "predictions"
+    assert not cli.trainer.predict_loop.return_predictions  # written to disk, not also kept in memory
     for sid in ("01", "02"):
         for kind in ("prob", "mask", "overlay"):
             im = Image.open(out / f"{sid}_{kind}.png")
