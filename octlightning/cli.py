@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
-from octlightning.callbacks import CheckpointOnSigterm, LogOverlays
+from octlightning.callbacks import LastCheckpoint, LogOverlays
 from octlightning.data.base import DataError
 from octlightning.loggers import CometLogger, CSVLogger
 
@@ -56,6 +56,8 @@ class OctLightningCLI(LightningCLI):
         comet_tags: Comet experiment tags (sweeps tag each run with the sweep name and its overrides).
         overlay_every_n_epochs: write overlay images of the first validation batch every N epochs.
         early_stopping_patience: stop when the monitored metric has not improved for N validations.
+        checkpoint_every_s: refresh ``last.ckpt`` at the first epoch end after this many seconds (0: every
+            epoch); it is also written when training ends and on SIGTERM (see ``LastCheckpoint``).
 
     ``trainer.precision: null`` means ``bf16-mixed`` on a bf16-capable GPU, else ``32-true``.
     """
@@ -78,6 +80,13 @@ class OctLightningCLI(LightningCLI):
         parser.add_argument("--comet_tags", type=list[str] | None, default=None, help="Comet experiment tags")
         parser.add_argument("--overlay_every_n_epochs", type=int, default=5, help="0 disables overlays")
         parser.add_argument("--early_stopping_patience", type=int | None, default=None)
+        parser.add_argument(
+            "--checkpoint_every_s",
+            type=float,
+            default=60.0,
+            help="refresh last.ckpt at an epoch end once this many seconds have passed (0: every epoch); "
+            "it is also saved when training ends and on SIGTERM",
+        )
 
     # ------------------------------------------------------------------ run folder
     def _cfg(self) -> Any:
@@ -150,17 +159,21 @@ class OctLightningCLI(LightningCLI):
         monitor = getattr(self.model, "monitor", None)
         mode = getattr(self.model, "monitor_mode", "min")
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            # Two callbacks: Lightning 2.6 refreshes `save_last` only when a top-k checkpoint was saved,
-            # so a run whose metric stops improving would resume from its best epoch, not its last.
+            # best.ckpt holds the weights only (a third of a full checkpoint: no optimiser state), as
+            # it is written whenever validation improves; it is what test/predict load.
             callbacks.append(
                 ModelCheckpoint(
-                    filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False
+                    filename="best",
+                    monitor=monitor,
+                    mode=mode,
+                    save_top_k=1,
+                    save_weights_only=True,
+                    auto_insert_metric_name=False,
                 )
             )
-            callbacks.append(
-                ModelCheckpoint(filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True)
-            )
-        callbacks.append(CheckpointOnSigterm())
+            # Separate from best.ckpt: Lightning 2.6 refreshes `save_last` only when a top-k checkpoint
+            # was saved, so a run whose metric stops improving would resume from its best epoch.
+            callbacks.append(LastCheckpoint(every_s=cfg.get("checkpoint_every_s", 60.0)))
         if kwargs.get("logger", logger) not in (False, None) and not any(
             isinstance(c, LearningRateMonitor) for c in callbacks
         ):

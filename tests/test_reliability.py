@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from octlightning.cli import run_cli
+from octlightning.cli import OctLightningCLI, run_cli
 from tests.conftest import REPO, TINY_VESSEL, run_octlightning
 
 CONFIG = str(REPO / "hparams" / "vessel_unet.json")
@@ -23,7 +24,7 @@ def _fit_args(drive_root: Path, runs: Path, version: str, epochs: int, *extra: s
     return [
         "fit", "--config", CONFIG, "--data.init_args.root", str(drive_root), *TINY_VESSEL,
         "--trainer.default_root_dir", str(runs), "--version", version, "--comet", "false",
-        "--overlay_every_n_epochs", "0", "--trainer.check_val_every_n_epoch", "1",
+        "--overlay_every_n_epochs", "0", "--trainer.check_val_every_n_epoch", "1", "--checkpoint_every_s", "0",
         "--trainer.max_epochs", str(epochs), "--data.init_args.patch_size", "32",
         "--data.init_args.patches_per_image", "8", *extra,
     ]  # fmt: skip
@@ -115,3 +116,42 @@ def test_same_config_and_seed_give_the_same_validation_metrics_on_cpu(drive_root
         rows.append([{k: v for k, v in r.items() if k.startswith("val/")} for r in csv.DictReader(open(metrics))])
     assert rows[0] == rows[1]
     assert any(r.get("val/loss") for r in rows[0])
+
+
+class _CountSaves(L.Callback):
+    """Records the global step of every checkpoint written to last.ckpt."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if "optimizer_states" in checkpoint:  # best.ckpt holds weights only
+            self.steps.append(checkpoint["global_step"])
+
+
+def _fit_counting_saves(drive_root: Path, runs: Path, version: str, every_s: str) -> tuple[list[int], int]:
+    args = _fit_args(drive_root, runs, version, 3, "--data.init_args.patches_per_image", "2")
+    args[args.index("--checkpoint_every_s") + 1] = every_s
+    counter = _CountSaves()
+    cli = OctLightningCLI(args=args[1:], run=False)  # without the subcommand: fit is called below
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return counter.steps, cli.trainer.global_step
+
+
+def test_last_checkpoint_is_refreshed_by_time_and_always_written_when_training_ends(drive_root, tmp_path):
+    steps, final_step = _fit_counting_saves(drive_root, tmp_path, "slow", "3600")
+    assert steps == [final_step], "no epoch-end save inside the interval, one when training ends"
+    assert _ckpt(tmp_path / "vessel_unet" / "slow" / "checkpoints" / "last.ckpt")["global_step"] == final_step
+
+    steps, final_step = _fit_counting_saves(drive_root, tmp_path, "every", "0")
+    assert len(steps) == 3 and steps[-1] == final_step, "0 saves after every epoch, and not twice at the end"
+
+
+def test_best_checkpoint_holds_weights_and_loads_for_test(drive_root, tmp_path):
+    run_cli(_fit_args(drive_root, tmp_path, "w", 1, "--data.init_args.patches_per_image", "2"))
+    best = tmp_path / "vessel_unet" / "w" / "checkpoints" / "best.ckpt"
+    ckpt = _ckpt(best)
+    assert "state_dict" in ckpt and "optimizer_states" not in ckpt
+    cli = run_cli(["test", *_fit_args(drive_root, tmp_path, "w_test", 1)[1:], "--ckpt_path", str(best)])
+    assert (Path(cli.trainer.default_root_dir) / "test_metrics.csv").is_file()
