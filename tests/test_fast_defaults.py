@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+import pytest
 import torch
 
 from octlightning.cli import default_precision, run_cli
+from octlightning.data import mask_folder
+from octlightning.data.base import SampleCache
+from octlightning.data.mask_folder import MaskFolderDataModule
 from octlightning.models.unet import UNet
 from octlightning.tasks.segmentation import SegmentationTask
 from tests.conftest import REPO, TINY_VESSEL
@@ -52,3 +57,43 @@ def test_null_precision_resolves_to_full_precision_on_cpu(drive_root, tmp_path):
     assert cli.trainer.precision == "32-true"
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-4
+
+
+# ----------------------------------------------------------------------------- decoded-sample cache
+def test_sample_cache_keeps_what_fits_the_budget_read_only():
+    cache = SampleCache(max_mb=1)
+    loads = []
+
+    def load(n: int):
+        loads.append(n)
+        return np.zeros(n, dtype=np.uint8), None
+
+    first = cache.get("a", lambda: load(600_000))
+    assert cache.get("a", lambda: load(600_000)) is first and loads == [600_000]
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0] = 1  # a transform writing into a cached sample would change every later epoch
+    cache.get("b", lambda: load(600_000))  # over the budget: returned, not kept
+    cache.get("b", lambda: load(600_000))
+    assert loads == [600_000] * 3 and len(cache) == 1 and cache.bytes == 600_000
+
+
+@pytest.mark.parametrize("cache_mb, decodes_per_epoch", [(1024, (4, 0)), (0, (4, 4))])
+def test_training_images_are_decoded_once_and_still_augmented_every_epoch(
+    tmp_path, monkeypatch, cache_mb, decodes_per_epoch
+):
+    from tests.test_isic import write_isic_layout
+
+    root = write_isic_layout(tmp_path, with_test=False)
+    dm = MaskFolderDataModule(
+        str(root), batch_size=2, num_workers=0, image_size=32, val_fraction=0.34, cache_mb=cache_mb
+    )
+    dm.setup("fit")
+    decoded = []
+    real_read = mask_folder.read_image
+    monkeypatch.setattr(mask_folder, "read_image", lambda path, mode: decoded.append(path) or real_read(path, mode))
+    epochs = []
+    for _ in range(2):
+        before = len(decoded)
+        epochs.append({s["id"]: s["image"] for s in (dm.train_set[i] for i in range(len(dm.train_set)))})
+        assert len(decoded) - before == decodes_per_epoch[len(epochs) - 1]
+    assert any(not torch.equal(epochs[0][k], epochs[1][k]) for k in epochs[0]), "augmentation is redrawn"

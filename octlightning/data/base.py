@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -49,6 +49,64 @@ def split_indices(groups: Sequence[Any], fractions: Sequence[float], seed: int) 
         parts.append(order[start : start + c])
         start += c
     return [np.sort(np.flatnonzero(np.isin(groups, p))) for p in parts]
+
+
+T = TypeVar("T")
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def _freeze(value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _freeze(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _freeze(v)
+
+
+class SampleCache:
+    """Decoded samples kept in the memory of each loader process, up to ``max_mb`` megabytes.
+
+    Decoding (JPEG/PNG, gzip-compressed HDF5) and resizing cost more CPU than the augmentation that
+    follows. Loader workers persist across epochs, so a dataset that fits the budget (the 40 PH2 cases,
+    one Duke HDF5 file) is decoded once per worker and served from memory afterwards; a larger one fills
+    the budget and reads the rest from disk every time. Each process (the main one and every worker)
+    holds its own copy: the memory used is at most ``max_mb`` times the number of loader processes.
+
+    Cached arrays are made read-only, so a transform that modified one in place would fail loudly
+    instead of silently changing the sample for every later epoch.
+    """
+
+    def __init__(self, max_mb: float = 1024) -> None:
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self._items: dict[Hashable, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable, load: Callable[[], T]) -> T:
+        """The cached value for ``key``, or ``load()``'s, kept when it fits the budget."""
+        if key in self._items:
+            return self._items[key]
+        value = load()
+        size = _nbytes(value)
+        if self.bytes + size <= self.max_bytes:
+            _freeze(value)
+            self._items[key] = value
+            self.bytes += size
+        return value
 
 
 def pad_to_multiple(tensor: torch.Tensor, height: int, width: int, value: float = 0.0) -> torch.Tensor:

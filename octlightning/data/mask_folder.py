@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, split_indices
+from octlightning.data.base import BaseDataModule, DataError, SampleCache, split_indices
 from octlightning.data.io import (
     check_pairs,
     list_images,
@@ -148,7 +148,8 @@ def read_mask(path: Path, threshold: int | None = None) -> np.ndarray:
 class MaskFolderDataset(Dataset):
     """Pairs -> dict(image (3, H, W) ImageNet-normalised, mask (1, H, W) {0,1}, id, orig_size (2,)).
 
-    ``mask`` is absent for pairs without a mask (prediction). Decoding happens here, in the workers.
+    ``mask`` is absent for pairs without a mask (prediction). Decoding happens here, in the workers;
+    the decoded, resized pair is kept in ``cache`` (when given) for later epochs.
     """
 
     def __init__(
@@ -157,17 +158,19 @@ class MaskFolderDataset(Dataset):
         image_size: tuple[int, int],
         transform: SeededTransform | None = None,
         mask_threshold: int | None = None,
+        cache: SampleCache | None = None,
     ) -> None:
         self.pairs = pairs
         self.image_size = image_size
         self.transform = transform
         self.mask_threshold = mask_threshold
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> dict:
-        pair = self.pairs[index]
+    def decode(self, pair: MaskPair) -> tuple[np.ndarray, np.ndarray | None]:
+        """The pair decoded and resized to ``image_size``: uint8 RGB image, uint8 {0, 1} mask or None."""
         h, w = self.image_size
         image = read_image(pair.image, "RGB")
         # Area averaging when shrinking (large dermoscopy photos), bilinear when enlarging.
@@ -176,6 +179,15 @@ class MaskFolderDataset(Dataset):
         mask = None
         if pair.mask is not None:
             mask = cv2.resize(read_mask(pair.mask, self.mask_threshold), (w, h), interpolation=cv2.INTER_NEAREST)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        pair = self.pairs[index]
+        if self.cache is None:
+            image, mask = self.decode(pair)
+        else:
+            key = (str(pair.image), str(pair.mask), self.image_size)
+            image, mask = self.cache.get(key, lambda: self.decode(pair))
         if self.transform is not None and mask is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -214,6 +226,8 @@ class MaskFolderDataModule(BaseDataModule):
         mask_threshold: ``None`` reads masks as strictly two-valued (0/1, 0/255, 1-bit, palette); a grey
             level binarises lossy masks (``> mask_threshold`` is foreground) instead.
         predict_dir: folder of images to predict (any image type); ``None`` predicts the test images.
+        cache_mb: memory per loader process for decoded, resized training and validation pairs (see
+            :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
 
     def __init__(
@@ -237,6 +251,7 @@ class MaskFolderDataModule(BaseDataModule):
         augment: bool = True,
         mask_threshold: int | None = None,
         predict_dir: str | None = None,
+        cache_mb: float = 1024,
     ) -> None:
         super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
         self.save_hyperparameters()
@@ -255,6 +270,7 @@ class MaskFolderDataModule(BaseDataModule):
         self.augment = augment
         self.mask_threshold = mask_threshold
         self.predict_dir = predict_dir
+        self.cache = SampleCache(cache_mb)
         self._split: dict[str, list[MaskPair]] | None = None
 
     # ----------------------------------------------------------------- files
@@ -308,9 +324,12 @@ class MaskFolderDataModule(BaseDataModule):
             transform = segmentation_augmentation(
                 hflip=0.5 if a else 0, vflip=0.5 if a else 0, rotate_limit=45 if a else 0, noise=0.25 if a else 0
             )
-            self.train_set = MaskFolderDataset(split["train"], self.image_size, transform, self.mask_threshold)
-            self.val_set = MaskFolderDataset(split["val"], self.image_size, None, self.mask_threshold)
+            self.train_set = MaskFolderDataset(
+                split["train"], self.image_size, transform, self.mask_threshold, self.cache
+            )
+            self.val_set = MaskFolderDataset(split["val"], self.image_size, None, self.mask_threshold, self.cache)
         if stage == "test":
+            # Test and predict read each image once: nothing to gain from keeping them.
             self.test_set = MaskFolderDataset(self._test_pairs(masks=True), self.image_size, None, self.mask_threshold)
         if stage == "predict":
             if self.predict_dir is not None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, split_indices
+from octlightning.data.base import BaseDataModule, DataError, SampleCache, split_indices
 from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
 
 NanPolicy = Literal["mask", "interpolate"]
@@ -281,7 +281,8 @@ class OCTLayerDataset(Dataset):
     """B-scans and boundary coordinates read lazily from one HDF5 file.
 
     The file is opened on first access in each process (h5py handles survive neither pickling nor
-    fork into loader workers) and one B-scan (one chunk) is read per sample.
+    fork into loader workers) and one B-scan (one chunk) is read per sample; the resized B-scan and
+    its resampled boundaries are kept in ``cache`` (when given) for later epochs.
     """
 
     def __init__(
@@ -299,6 +300,7 @@ class OCTLayerDataset(Dataset):
         spacing_um: float | None = None,
         subjects: np.ndarray | None = None,
         transform: SeededTransform | None = None,
+        cache: SampleCache | None = None,
     ) -> None:
         self.path = Path(path)
         self.indices = [int(i) for i in indices]
@@ -309,6 +311,7 @@ class OCTLayerDataset(Dataset):
         self.spacing_um = spacing_um
         self.subjects = subjects
         self.transform = transform
+        self.cache = cache
         self._file: h5py.File | None = None
         self._pid: int | None = None
 
@@ -346,13 +349,26 @@ class OCTLayerDataset(Dataset):
         coords, valid = resample_columns(lm, self.output_width)
         return rescale_rows(coords, height, self.image_size[0]), valid
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        i = self.indices[index]
+    def decode(self, i: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, tuple[int, int]]:
+        """File sample ``i`` before augmentation: resized image in [0, 1], boundary rows at network
+        resolution and their validity (``None`` without ``layer_key``), original ``(height, width)``."""
         image = self._read_image(i)
         h, w = image.shape
         hi, wi = self.image_size
         interp = cv2.INTER_AREA if hi * wi < h * w else cv2.INTER_LINEAR
         image = cv2.resize(image, (wi, hi), interpolation=interp)
+        coords = valid = None
+        if self.layer_key is not None:
+            coords, valid = self.read_target(i, h)
+        return image, coords, valid, (h, w)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = self.indices[index]
+        if self.cache is None:
+            image, coords, valid, (h, w) = self.decode(i)
+        else:
+            key = (str(self.path), self.image_key, self.layer_key, i)
+            image, coords, valid, (h, w) = self.cache.get(key, lambda: self.decode(i))
         sample: dict[str, Any] = {
             "id": f"{i:05d}",
             "size": torch.tensor([h, w]),
@@ -360,14 +376,14 @@ class OCTLayerDataset(Dataset):
         }
         if self.subjects is not None:
             sample["subject"] = str(self.subjects[i])
-        if self.layer_key is not None:
-            coords, valid = self.read_target(i, h)
+        if coords is not None:
             if self.transform is not None:
                 out = self.transform(image=image, coords=coords, valid=valid)
                 image, coords, valid = out["image"], out["coords"], out["valid"]
-            sample["coords"] = torch.from_numpy(np.ascontiguousarray(coords, dtype=np.float32))
-            sample["valid"] = torch.from_numpy(np.ascontiguousarray(valid))
-        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).clamp_(0, 1)
+            # Copies (torch.tensor), never views: the arrays may be the cached, read-only ones.
+            sample["coords"] = torch.tensor(coords, dtype=torch.float32)
+            sample["valid"] = torch.tensor(valid)
+        image = torch.tensor(image, dtype=torch.float32).clamp_(0, 1)
         if self.channels == 3:  # replicated grey for ImageNet-pretrained backbones
             mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
             std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -404,6 +420,8 @@ class OCTLayerDataModule(BaseDataModule):
         elastic: probability of the column-wise elastic displacement (with ``augment``).
         predict_root: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
             the test split.
+        cache_mb: memory per loader process for decoded, resized training and validation B-scans (see
+            :class:`~octlightning.data.base.SampleCache`; 0 reads and decompresses them at every epoch).
 
     B-scans whose chosen boundaries have no annotated column are excluded with a warning naming
     them; they cannot be scored and nothing is invented for them.
@@ -431,6 +449,7 @@ class OCTLayerDataModule(BaseDataModule):
         augment: bool = True,
         elastic: float = 0.0,
         predict_root: str | None = None,
+        cache_mb: float = 1024,
     ) -> None:
         super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
         self.save_hyperparameters()
@@ -453,10 +472,13 @@ class OCTLayerDataModule(BaseDataModule):
         self.augment = augment
         self.elastic = elastic
         self.predict_root = predict_root
+        self.cache = SampleCache(cache_mb)
         self._index: LayerFileIndex | None = None
         self.splits: dict[str, np.ndarray] = {}
 
-    def _dataset(self, index: LayerFileIndex, ids, layer_key: str | None, transform=None) -> OCTLayerDataset:
+    def _dataset(
+        self, index: LayerFileIndex, ids, layer_key: str | None, transform=None, cache: bool = False
+    ) -> OCTLayerDataset:
         spacing = self.pixel_spacing_um if self.pixel_spacing_um is not None else index.spacing_um
         return OCTLayerDataset(
             index.path,
@@ -472,6 +494,7 @@ class OCTLayerDataModule(BaseDataModule):
             spacing,
             index.subjects,
             transform,
+            self.cache if cache else None,
         )
 
     def file_index(self) -> LayerFileIndex:
@@ -519,11 +542,11 @@ class OCTLayerDataModule(BaseDataModule):
             transform = None
             if self.augment:
                 transform = SeededTransform(LayerAugmentation(elastic=self.elastic))  # type: ignore[arg-type]
-            self.train_set = self._dataset(index, split["train"], self.layer_key, transform)
+            self.train_set = self._dataset(index, split["train"], self.layer_key, transform, cache=True)
         if stage in ("fit", "validate"):
             if len(split["val"]) == 0:
                 raise DataError(f"{index.path}: the validation split is empty (val_size={self.val_size})")
-            self.val_set = self._dataset(index, split["val"], self.layer_key)
+            self.val_set = self._dataset(index, split["val"], self.layer_key, cache=True)
         if stage == "test":
             if len(split["test"]) == 0:
                 raise DataError(f"{index.path}: the test split is empty (test_size={self.test_size})")

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, make_pad_collate, split_indices
+from octlightning.data.base import BaseDataModule, DataError, SampleCache, make_pad_collate, split_indices
 from octlightning.data.io import check_pairs, list_images, load_image, read_image, require_dir, unique_index
 from octlightning.data.transforms import (
     IMAGENET_MEAN,
@@ -241,8 +241,9 @@ def scan_split(folder: Path, need_masks: bool, volume_pattern: str | None) -> li
 class OCTSemSegDataset(Dataset):
     """B-scans and class maps -> dict(image (C,H,W), mask (1,H,W), fov (1,H,W), id, size[, volume]).
 
-    Files are decoded when a sample is drawn (the benchmark sets hold thousands of B-scans); a mask with
-    a value INFO.json does not list fails there with a :class:`DataError` naming the file.
+    Files are decoded when a sample is drawn (the benchmark sets hold thousands of B-scans) and kept in
+    ``cache`` (when given) for later epochs; a mask with a value INFO.json does not list fails there with
+    a :class:`DataError` naming the file.
     """
 
     def __init__(
@@ -252,8 +253,10 @@ class OCTSemSegDataset(Dataset):
         transform: SeededTransform | None,
         in_channels: int = 1,
         normalize: Literal["unit", "imagenet"] = "unit",
+        cache: SampleCache | None = None,
     ) -> None:
         self.items = items
+        self.cache = cache
         self.info = info
         self.transform = transform
         self.in_channels = in_channels
@@ -263,9 +266,9 @@ class OCTSemSegDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        image = np.array(read_image(item.image, "L"))  # writable: torch refuses to share read-only arrays
+    def decode(self, item: SemSegItem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """B-scan (uint8), class labels (uint8) and annotated pixels (uint8 fov) of one item."""
+        image = read_image(item.image, "L")
         if item.mask is not None:
             labels, valid = self.info.to_labels(read_value_mask(item.mask), item.mask)
             if labels.shape != image.shape:
@@ -275,7 +278,14 @@ class OCTSemSegDataset(Dataset):
                 )
         else:
             labels, valid = np.zeros_like(image), np.ones(image.shape, dtype=bool)
-        fov = valid.astype(np.uint8)
+        return image, labels, valid.astype(np.uint8)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        if self.cache is None:
+            image, labels, fov = self.decode(item)
+        else:
+            image, labels, fov = self.cache.get((str(item.image), str(item.mask)), lambda: self.decode(item))
         if self.transform is not None:
             out = self.transform(image=image, mask=labels, fov=fov)
             image, labels, fov = out["image"], out["mask"], out["fov"]
@@ -312,6 +322,8 @@ class OCTSemSegDataModule(BaseDataModule):
         volume_pattern: regular expression on file stems whose group 1 is the volume id (default
             ``<volume>_<digits>``); ``null`` disables per-volume scores.
         predict_dir: folder of B-scans to predict; ``None`` predicts the test split's B-scans.
+        cache_mb: memory per loader process for decoded training and validation B-scans and class maps
+            (see :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
 
     def __init__(
@@ -329,6 +341,7 @@ class OCTSemSegDataModule(BaseDataModule):
         pad_to: int = 32,
         volume_pattern: str | None = DEFAULT_VOLUME_PATTERN,
         predict_dir: str | None = None,
+        cache_mb: float = 1024,
     ) -> None:
         super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
         self.save_hyperparameters()
@@ -344,6 +357,7 @@ class OCTSemSegDataModule(BaseDataModule):
         self.pad_to = pad_to
         self.volume_pattern = volume_pattern
         self.predict_dir = predict_dir
+        self.cache = SampleCache(cache_mb)
         self._info: SemSegInfo | None = None
 
     @property
@@ -373,17 +387,20 @@ class OCTSemSegDataModule(BaseDataModule):
             raise DataError(f"{root}: evaluation-only dataset (bscan/ and semseg/, no splits); it has no {split}/")
         raise DataError(f"{folder}: split folder not found (expected {root}/{{train,val,test}}/{{bscan,semseg}}/)")
 
-    def _dataset(self, items: list[SemSegItem], train: bool) -> OCTSemSegDataset:
+    def _dataset(self, items: list[SemSegItem], train: bool, cache: bool = False) -> OCTSemSegDataset:
         transform = None
         if train and self.augment:
             transform = segmentation_augmentation(hflip=0.5, brightness_contrast=0.5, extra_masks=("fov",))
-        return OCTSemSegDataset(items, self.info, transform, self.in_channels, self.normalize)
+        cached = self.cache if cache else None  # test/predict read each file once
+        return OCTSemSegDataset(items, self.info, transform, self.in_channels, self.normalize, cached)
 
     def setup(self, stage: str) -> None:
         self._info = read_info(self.info_path, self.ignore_labels)  # fail early on a bad INFO.json
         if stage in ("fit", "validate"):
-            self.train_set = self._dataset(scan_split(self._split_folder("train"), True, self.volume_pattern), True)
-            self.val_set = self._dataset(scan_split(self._split_folder("val"), True, self.volume_pattern), False)
+            train = scan_split(self._split_folder("train"), True, self.volume_pattern)
+            self.train_set = self._dataset(train, True, cache=True)
+            val = scan_split(self._split_folder("val"), True, self.volume_pattern)
+            self.val_set = self._dataset(val, False, cache=True)
         if stage == "test":
             self.test_set = self._dataset(scan_split(self._split_folder("test"), True, self.volume_pattern), False)
         if stage == "predict":

@@ -61,7 +61,7 @@ from skimage.filters.rank import entropy
 from skimage.morphology import disk
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, make_pad_collate, split_indices
+from octlightning.data.base import BaseDataModule, DataError, SampleCache, make_pad_collate, split_indices
 from octlightning.data.io import require_utf8_name, shown_path
 from octlightning.data.transforms import SeededTransform, segmentation_augmentation
 
@@ -613,6 +613,7 @@ class RetouchPatchDataset(Dataset):
     Args:
         balance_fluids: choose the fluid class of a positive patch uniformly among the classes present,
             then a B-scan holding it, so rare classes (PED, SRF) are seen as often as IRF.
+        cache: keeps each B-scan's candidate centres (see :meth:`centres`).
     """
 
     def __init__(
@@ -624,6 +625,7 @@ class RetouchPatchDataset(Dataset):
         length: int,
         transform: SeededTransform | None = None,
         balance_fluids: bool = True,
+        cache: SampleCache | None = None,
     ) -> None:
         if not 0 <= positive_fraction <= 1:
             raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
@@ -633,6 +635,7 @@ class RetouchPatchDataset(Dataset):
         self.n_positive = round(positive_fraction * length)
         self.transform = transform
         self.balance_fluids = balance_fluids
+        self.cache = cache
         wanted = set(cases)
         rows = [r for r in store.index() if r["case"] in wanted]
         self.slices = [(r["case"], int(r["slice"])) for r in rows]
@@ -650,29 +653,45 @@ class RetouchPatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def centres(self, case: str, z: int, k: int | None) -> np.ndarray:
+        """Flat indices of the pixels a patch may be centred on in B-scan ``z`` of ``case``: pixels of
+        fluid class ``k`` (0: any fluid), or for ``k=None`` retina (ROI) pixels whose patch holds no fluid.
+
+        Finding them scans the whole B-scan, many times the cost of cutting the patch, so they are kept
+        in ``cache`` (when given) and every later patch from this B-scan is a draw from the list.
+        """
+
+        def find() -> np.ndarray:
+            labels = np.asarray(self.store.array(case, "reference")[z])
+            if k is not None:
+                return np.flatnonzero(labels == k if k else labels > 0).astype(np.int32)
+            allowed = np.asarray(self.store.array(case, "roi")[z]) > 0
+            if labels.any():
+                allowed &= fluid_window_counts(labels > 0, self.patch) == 0
+            return np.flatnonzero(allowed).astype(np.int32)
+
+        return find() if self.cache is None else self.cache.get(("centres", case, z, k, self.patch), find)
+
     def locate(self, index: int, rng: np.random.Generator) -> tuple[str, int, int, int]:
         """``(case, slice, row, column)`` of the centre of patch ``index``."""
         if index < self.n_positive:
             k = int(rng.choice(self.classes)) if self.balance_fluids else 0
             case, z = self.with_fluid[k][rng.integers(len(self.with_fluid[k]))]
-            labels = np.asarray(self.store.array(case, "reference")[z])
-            ys, xs = np.nonzero(labels == k if k else labels > 0)
-            j = rng.integers(len(ys))
-            return case, z, int(ys[j]), int(xs[j])
-        for _ in range(100):
-            case, z = self.slices[rng.integers(len(self.slices))]
-            allowed = np.asarray(self.store.array(case, "roi")[z]) > 0
-            labels = np.asarray(self.store.array(case, "reference")[z])
-            if labels.any():
-                allowed &= fluid_window_counts(labels > 0, self.patch) == 0
-            ys, xs = np.nonzero(allowed)
-            if len(ys):
-                j = rng.integers(len(ys))
-                return case, z, int(ys[j]), int(xs[j])
-        raise DataError(
-            f"no fluid-free {self.patch[0]}x{self.patch[1]} patch centred in the retina found in 100 random "
-            f"training B-scans; lower patch_size or raise positive_fraction"
-        )
+            candidates = self.centres(case, z, k)
+        else:
+            for _ in range(100):
+                case, z = self.slices[rng.integers(len(self.slices))]
+                candidates = self.centres(case, z, None)
+                if len(candidates):
+                    break
+            else:
+                raise DataError(
+                    f"no fluid-free {self.patch[0]}x{self.patch[1]} patch centred in the retina found in 100 "
+                    f"random training B-scans; lower patch_size or raise positive_fraction"
+                )
+        width = self.store.array(case, "reference").shape[-1]
+        y, x = divmod(int(candidates[rng.integers(len(candidates))]), width)
+        return case, z, y, x
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         # One torch draw per access: follows seed_everything / the worker seed, differs every epoch.
@@ -724,6 +743,8 @@ class RetouchDataModule(BaseDataModule):
         predict_root: another folder of cases to predict (matched to this dataset's reference
             histogram). Without it, ``predict`` takes the cases without ``reference.mhd``, or the test
             cases when every case is labelled.
+        cache_mb: memory per loader process for the candidate patch centres of each training B-scan
+            (see :class:`~octlightning.data.base.SampleCache`; 0 finds them again for every patch).
     """
 
     def __init__(
@@ -756,6 +777,7 @@ class RetouchDataModule(BaseDataModule):
         augment: bool = True,
         pad_to: int = 16,
         predict_root: str | None = None,
+        cache_mb: float = 1024,
     ) -> None:
         super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
         self.save_hyperparameters()
@@ -786,6 +808,7 @@ class RetouchDataModule(BaseDataModule):
         self.augment = augment
         self.pad_to = pad_to
         self.predict_root = predict_root
+        self.cache = SampleCache(cache_mb)
         self._store: VolumeStore | None = None
         self._predict_store: VolumeStore | None = None
 
@@ -880,6 +903,7 @@ class RetouchDataModule(BaseDataModule):
                 self.patches_per_epoch or n_slices,
                 transform,
                 self.balance_fluids,
+                self.cache,
             )
         if stage == "test":
             if not parts["test"]:

@@ -93,7 +93,8 @@ def image_to_tensor(
     """uint8 ``(H, W)`` or ``(H, W, C)`` -> float32 ``(C, H, W)`` in [0, 1], optionally standardised."""
     if image.ndim == 2:
         image = image[..., None]
-    t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    # A copy, never a view: the array may be a cached (read-only) decoded sample.
+    t = torch.tensor(image.transpose(2, 0, 1), dtype=torch.float32).div_(255.0)
     if mean is not None and std is not None:
         m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -103,4 +104,4 @@ def image_to_tensor(
 
 def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
     """``(H, W)`` integer mask -> ``(1, H, W)`` float32 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float()
+    return torch.tensor(mask, dtype=torch.float32).unsqueeze(0)  # a copy: the array may be cached
