@@ -49,6 +49,21 @@ bench: install
 bench-cpu: install
 	$(BIN)/python benchmarks/bench.py --cpu $(ARGS)
 
+# The lent GPU machine has no network and no venv: its image has torch/lightning/transformers/timm, the
+# rest comes as wheels fetched here (`make gpu-wheels`, once) and carried along (`carry: [".whl"]`).
+# Then one device command each:  make bench-device   |   make fit-device CONFIG=hparams/oct_segformer.json
+DEVICE_ENV = bash .whl/install.sh >&2 && PYTHONPATH=/tmp/site:$(CURDIR):$$PYTHONPATH
+.PHONY: gpu-wheels bench-device fit-device
+gpu-wheels:
+	bash ../shared/gpu-wheels/fetch.sh .whl
+	grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+
+bench-device:
+	$(DEVICE_ENV) python3 benchmarks/bench.py $(ARGS)
+
+fit-device:
+	$(DEVICE_ENV) python3 -m octlightning fit --config $(CONFIG) $(ARGS)
+
 # Sweeps (experiments/*.json): one run per GPU group, queued, resumable; see README "Sweeps".
 # make sweep SWEEP=experiments/vessel_lr_batch.json GPUS=0,1,2,3   (no GPUS: CPU, ARGS="--slots 2")
 SWEEP ?= experiments/vessel_lr_batch.json
