@@ -49,17 +49,22 @@ bench: install
 bench-cpu: install
 	$(BIN)/python benchmarks/bench.py --cpu $(ARGS)
 
-# The lent GPU machine has no network and no venv: its image has torch/lightning/transformers/timm, the
-# rest comes as wheels fetched here (`make gpu-wheels`, once) and carried along (`carry: [".whl"]`).
-# Then one device command each:  make bench-device   |   make fit-device CONFIG=hparams/oct_segformer.json
-DEVICE_ENV = bash .whl/install.sh >&2 && PYTHONPATH=/tmp/site:$(CURDIR):$$PYTHONPATH
-.PHONY: gpu-wheels bench-device fit-device
-gpu-wheels:
-	bash ../shared/gpu-wheels/fetch.sh .whl
-	grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+# The lent GPU machine has no network, no venv and no ../shared: its image has torch, lightning,
+# transformers and timm; `make device-kit` (here, once) puts the other wheels and the shared data it
+# needs into .device/ (git-ignored, ~52 MB), which device runs carry (`carry: [".device"]`). Then one
+# device command each:
+#   make bench-device
+#   make fit-device CONFIG=hparams/oct_segformer.json ARGS="--data.init_args.root .device/data/duke_dme/duke_dme_trainval.h5"
+# SimpleITK is not on that image (nor in the kit): the RETOUCH recipes do not run there.
+DEVICE_ENV = bash .device/whl/install.sh >&2 && PYTHONPATH=/tmp/site:$(CURDIR):$$PYTHONPATH
+.PHONY: device-kit bench-device fit-device
+device-kit:
+	bash ../shared/gpu-wheels/fetch.sh .device/whl
+	mkdir -p .device/data && cp -r ../shared/data/drive ../shared/data/ph2_isic ../shared/data/duke_dme .device/data/
+	chmod -R u+w .device
 
 bench-device:
-	$(DEVICE_ENV) python3 benchmarks/bench.py $(ARGS)
+	$(DEVICE_ENV) python3 benchmarks/bench.py --shared-data .device/data $(ARGS)
 
 fit-device:
 	$(DEVICE_ENV) python3 -m octlightning fit --config $(CONFIG) $(ARGS)

@@ -6,14 +6,18 @@ For each recipe, with the network and batch size of its hparams file:
     (b) the same loop at its best: bf16 autocast + channels_last + torch.compile (GPU only),
     (c) ``octlightning fit`` with the recipe's hparams and its DataModule reading the real files.
 
-Printed as a markdown table with c/a and c/b, peak GPU memory beside each, plus the loader-only
-throughput of each DataModule (its training dataloader with augmentation, no model), and the
-per-epoch overhead of the vessel recipe (wall time of N epochs on DRIVE against the sum of its steps).
+(a) is measured before and after (c) and averaged, so that a drifting machine biases the ratios less.
+(c) runs as a user's fit does (loggers, checkpoints, loader workers), without validation. Printed as a
+markdown table with c/a and c/b, on the CPU also (c)'s steps alone (data waits excluded), peak GPU
+memory beside each; then the loader-only throughput of each DataModule (its training dataloader with
+augmentation, no model, after one warm-up epoch) against (c), and the per-epoch overhead of the
+vessel recipe (wall time of N epochs on DRIVE against the sum of its steps).
 
     python benchmarks/bench.py                 # GPU: every recipe whose data is present
     python benchmarks/bench.py --cpu           # 2-core CPU: small networks, fp32 (a) vs (c)
 
-Run by hand or by ``make bench`` / ``make bench-cpu``; never in CI (timings need a quiet machine).
+Run by hand or by ``make bench`` / ``make bench-cpu`` / ``make bench-device`` (the lent GPU machine);
+never in CI (timings need a quiet machine).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
 import sys
@@ -36,6 +41,9 @@ from octlightning.cli import OctLightningCLI
 from octlightning.losses import masked_regression_loss
 
 REPO = Path(__file__).resolve().parents[1]
+# Where the recipes' `../shared/data/...` roots point; `--shared-data` moves it (the lent GPU machine
+# gets the data in a carried folder, since ../shared does not travel there).
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @dataclass
@@ -84,13 +92,20 @@ RECIPES = [
 
 
 class StepTimer(L.Callback):
-    """Wall time of training steps after a warm-up, including data loading between steps."""
+    """Images/s of the training steps after a warm-up: wall time including the data loading between
+    steps, and on the CPU also the steps alone (what the framework adds around the loop's work).
+
+    The GPU is synchronised only where the timed window starts and ends: a synchronisation after every
+    step would stop the CPU from queueing the next step while the GPU runs, which the plain loop does.
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.samples = 0
         self.start: float | None = None
         self.end = 0.0
+        self.step_seconds = 0.0
+        self._step_start = 0.0
         self.peak_mem = 0.0
 
     def _sync(self) -> None:
@@ -103,18 +118,28 @@ class StepTimer(L.Callback):
             self.start = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+        self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            self.samples += len(batch["image"])
+        if self.start is None:
+            return
+        self.samples += len(batch["image"])
+        if trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf")):
             self._sync()
-            self.end = time.perf_counter()
             if torch.cuda.is_available():
                 self.peak_mem = torch.cuda.max_memory_allocated() / 2**30
+        self.end = time.perf_counter()
+        self.step_seconds += self.end - self._step_start
 
     @property
     def images_per_s(self) -> float:
         return self.samples / (self.end - self.start) if self.start else float("nan")
+
+    @property
+    def step_images_per_s(self) -> float:
+        if torch.cuda.is_available() or not self.step_seconds:
+            return float("nan")  # unsynchronised GPU steps have no meaningful duration of their own
+        return self.samples / self.step_seconds
 
 
 class EpochOverhead(L.Callback):
@@ -171,6 +196,9 @@ def build_cli(recipe: Recipe, extra: list[str], root_dir: Path) -> OctLightningC
     """The recipe's fit as ``octlightning fit`` builds it: its loggers (CSV, Comet offline archive) and
     checkpoints included; no validation, overlays, progress bar or frozen encoder, so that the steps do
     the same work as the plain loop."""
+    root = json.loads((REPO / recipe.config).read_text())["data"]["init_args"].get("root", "")
+    if root.startswith("../shared/data/"):
+        extra = ["--data.init_args.root", str(SHARED_DATA / root.removeprefix("../shared/data/")), *extra]
     args = ["--config", str(REPO / recipe.config), "--overlay_every_n_epochs", "0",
             "--trainer.default_root_dir", str(root_dir), "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
@@ -268,7 +296,7 @@ def duke_semseg(out_dir: Path) -> Path:
     from octlightning.data.oct_semseg import convert_h5
 
     target = out_dir / "duke_dme_semseg"
-    source = REPO.parent / "shared" / "data" / "duke_dme" / "duke_dme_trainval.h5"
+    source = SHARED_DATA / "duke_dme" / "duke_dme_trainval.h5"
     if not (target / "INFO.json").is_file() and source.is_file():
         convert_h5(source, target)
     return target
@@ -284,12 +312,12 @@ def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path
         extra = [*extra, "--trainer.accelerator", device.type, "--trainer.devices", "1", *overrides]
         try:
             cli = build_cli(recipe, extra, out_dir)
-        except (SystemExit, Exception) as err:  # data absent on this machine, or a broken config
+            dm = cli.datamodule
+            dm.setup("fit")
+            batch = next(iter(dm.train_dataloader()))
+        except (SystemExit, Exception) as err:  # data or a library (SimpleITK) absent here, a broken config
             print(f"skip {recipe.name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
-        dm = cli.datamodule
-        dm.setup("fit")
-        batch = next(iter(dm.train_dataloader()))
         x = batch["image"].to(device)
         base_state = {k: v.clone() for k, v in cli.model.net.state_dict().items()}
 
@@ -311,7 +339,7 @@ def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path
         cli.model.net.load_state_dict(base_state)
         a_after, _ = plain_loop(cli.model, x, steps, warmup, best=False)
         a = (a_before + a_after) / 2
-        rows.append((recipe.name, tuple(x.shape), a, mem_a, b, mem_b, c, timer.peak_mem))
+        rows.append((recipe.name, tuple(x.shape), a, mem_a, b, mem_b, c, timer.peak_mem, timer.step_images_per_s))
         loader_rows.append((recipe.name, loader_only(build_cli(recipe, extra, out_dir), steps), c))
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -320,13 +348,13 @@ def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path
         f"{steps} steps after {warmup} warm-up steps.",
         "",
         "| recipe | batch | (a) plain fp32 img/s | (b) plain best img/s | (c) octlightning fit img/s | c/a | c/b "
-        "| peak GiB a / b / c |",
-        "|---|---|---|---|---|---|---|---|",
+        "| (c) steps only img/s (CPU) | steps/a | peak GiB a / b / c |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, shape, a, ma, b, mb, c, mc in rows:
+    for name, shape, a, ma, b, mb, c, mc, cs in rows:
         lines.append(
             f"| {name} | {'x'.join(map(str, shape))} | {a:.1f} | {b:.1f} | {c:.1f} | {c / a:.2f} | {c / b:.2f} "
-            f"| {ma:.1f} / {mb:.1f} / {mc:.1f} |"
+            f"| {cs:.1f} | {cs / a:.2f} | {ma:.1f} / {mb:.1f} / {mc:.1f} |"
         )
     lines += [
         "",
@@ -338,12 +366,14 @@ def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path
 
 
 def main() -> None:
+    global SHARED_DATA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="small networks on the CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--recipes", nargs="*", default=None, help="substrings of recipe names to run")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    parser.add_argument("--shared-data", default=str(SHARED_DATA), help="folder holding drive/, duke_dme/, ...")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the vessel overhead run (0 skips)")
     parser.add_argument(
         "--set",
@@ -354,6 +384,7 @@ def main() -> None:
         help="extra CLI override for every recipe, e.g. --set data.init_args.num_workers 0",
     )
     args = parser.parse_args()
+    SHARED_DATA = Path(args.shared_data).resolve()
     steps = args.steps or (20 if args.cpu else 50)
     warmup = args.warmup or (3 if args.cpu else 10)
     recipes = [r for r in RECIPES if not args.recipes or any(s.lower() in r.name.lower() for s in args.recipes)]
@@ -362,7 +393,10 @@ def main() -> None:
     table = run(recipes, args.cpu, steps, warmup, Path(args.out), overrides)
     epochs = args.epochs if args.epochs is not None else (5 if args.cpu else 50)
     if epochs and (not args.recipes or any("vessel" in r.lower() for r in args.recipes)):
-        table += "\n\n" + vessel_epoch_overhead(epochs, args.cpu, Path(args.out), overrides)
+        try:
+            table += "\n\n" + vessel_epoch_overhead(epochs, args.cpu, Path(args.out), overrides)
+        except (SystemExit, Exception) as err:  # DRIVE absent here
+            print(f"skip the vessel overhead run: {type(err).__name__}: {err}", file=sys.stderr)
     print(table)
 
 
