@@ -29,9 +29,13 @@ def test_ddp_validation_metrics_equal_a_single_process_computation(drive_root, t
     run_octlightning([
         "fit", *common, "--version", "ddp", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--comet", "true",
+        "--trainer.callbacks+=tests.fault_injection.CountStepCollectives",
     ])  # fmt: skip
     ddp_dir = tmp_path / "vessel_unet" / "ddp"
     assert len(list(ddp_dir.glob("*.zip"))) == 1, "one Comet experiment per run, not one per rank"
+    # Logging the training loss costs no collective call per step; its epoch mean is reduced once.
+    assert [(ddp_dir / f"step_all_reduce_rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
+    assert any(r.get("train/loss_epoch") for r in csv.DictReader(open(ddp_dir / "metrics.csv")))
     ddp = _last_val_row(ddp_dir / "metrics.csv")
 
     run_octlightning([

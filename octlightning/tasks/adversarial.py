@@ -139,16 +139,7 @@ class AdversarialTask(SegmentationTask):
             "train/disc_loss": d_loss,
             "train/disc_acc": d_acc,
         }
-        for key, value in logs.items():
-            self.log(
-                key,
-                value.detach(),
-                on_step=True,
-                on_epoch=True,
-                prog_bar=key == "train/loss",
-                batch_size=n,
-                sync_dist=True,
-            )
+        self.log_training(logs, batch_size=n)
         return loss.detach()
 
     def _step_schedulers(self) -> None:

@@ -150,6 +150,20 @@ class BaseTask(L.LightningModule):
             raise ValueError(f"unknown scheduler {self.scheduler_name!r}; choose none, cosine, plateau or step")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ----------------------------------------------------------------- logging
+    def log_training(self, values: dict[str, Tensor], batch_size: int, prog_bar: str = "train/loss") -> None:
+        """Log training values as ``<key>_step`` (this rank's value) and ``<key>_epoch`` (mean over ranks).
+
+        One ``self.log(..., on_step=True, sync_dist=True)`` would all-reduce every value at every step
+        under DDP, a collective call and a wait per step; the step curve does not need it, so only the
+        epoch means are reduced across ranks, once, when the epoch ends.
+        """
+        for key, value in values.items():
+            value = value.detach()
+            shown = key == prog_bar
+            self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=shown, batch_size=batch_size)
+            self.log(f"{key}_epoch", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
     # ----------------------------------------------------------------- run folder
     @property
     def run_dir(self) -> Path:

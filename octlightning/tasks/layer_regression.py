@@ -189,9 +189,7 @@ class LayerRegressionTask(BaseTask):
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         _, loss = self._step(batch)
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["id"]), sync_dist=True
-        )
+        self.log_training({"train/loss": loss}, batch_size=len(batch["id"]))
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:

@@ -182,15 +182,7 @@ class SegmentationTask(BaseTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         _, loss, _ = self._step(batch)
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=batch["image"].shape[0],
-            sync_dist=True,
-        )
+        self.log_training({"train/loss": loss}, batch_size=batch["image"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor] | None:
