@@ -193,14 +193,14 @@ def vessel_epoch_overhead(epochs: int, cpu: bool, out_dir: Path, overrides: list
 
 
 def build_cli(recipe: Recipe, extra: list[str], root_dir: Path) -> OctLightningCLI:
-    """The recipe's fit as ``octlightning fit`` builds it: its loggers (CSV, Comet offline archive) and
-    checkpoints included; no validation, overlays, progress bar or frozen encoder, so that the steps do
-    the same work as the plain loop."""
+    """The recipe's fit as ``octlightning fit`` builds it: its loggers (CSV, Comet offline archive),
+    checkpoints and progress bar included; no validation, overlays or frozen encoder, so that the steps
+    do the same work as the plain loop."""
     root = json.loads((REPO / recipe.config).read_text())["data"]["init_args"].get("root", "")
     if root.startswith("../shared/data/"):
         extra = ["--data.init_args.root", str(SHARED_DATA / root.removeprefix("../shared/data/")), *extra]
     args = ["--config", str(REPO / recipe.config), "--overlay_every_n_epochs", "0",
-            "--trainer.default_root_dir", str(root_dir), "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root_dir),
             "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0",
             "--early_stopping_patience", "null", "--trainer.callbacks", "[]", *extra]  # fmt: skip

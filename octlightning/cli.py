@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    TQDMProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
@@ -25,6 +31,8 @@ from octlightning.data.base import DataError
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
+# Progress bar refresh interval in training steps (a user's own progress-bar callback wins).
+PROGRESS_BAR_REFRESH_STEPS = 10
 
 
 def next_version(experiment_dir: Path) -> str:
@@ -174,6 +182,12 @@ class OctLightningCLI(LightningCLI):
             # Separate from best.ckpt: Lightning 2.6 refreshes `save_last` only when a top-k checkpoint
             # was saved, so a run whose metric stops improving would resume from its best epoch.
             callbacks.append(LastCheckpoint(every_s=cfg.get("checkpoint_every_s", 60.0)))
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            # Every progress-bar refresh reads the step loss with .item(), a wait for the GPU; at
+            # Lightning's default of every step it stops the CPU from queueing the next step.
+            callbacks.append(TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS))
         if kwargs.get("logger", logger) not in (False, None) and not any(
             isinstance(c, LearningRateMonitor) for c in callbacks
         ):

@@ -108,3 +108,15 @@ def test_training_images_are_decoded_once_and_still_augmented_every_epoch(
         epochs.append({s["id"]: s["image"] for s in (dm.train_set[i] for i in range(len(dm.train_set)))})
         assert len(decoded) - before == decodes_per_epoch[len(epochs) - 1]
     assert any(not torch.equal(epochs[0][k], epochs[1][k]) for k in epochs[0]), "augmentation is redrawn"
+
+
+def test_progress_bar_reads_the_loss_every_tenth_step_not_every_step(drive_root, tmp_path):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    cli = run_cli([
+        "fit", "--config", str(REPO / "hparams" / "vessel_unet.json"), "--data.init_args.root", str(drive_root),
+        *TINY_VESSEL, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true",
+        "--trainer.enable_progress_bar", "true",
+    ])  # fmt: skip
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == 10
