@@ -166,7 +166,8 @@ class OctLightningCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         monitor = getattr(self.model, "monitor", None)
         mode = getattr(self.model, "monitor_mode", "min")
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        user_checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+        if not user_checkpoints:
             # best.ckpt holds the weights only (a third of a full checkpoint: no optimiser state), as
             # it is written whenever validation improves; it is what test/predict load.
             callbacks.append(
@@ -179,6 +180,7 @@ class OctLightningCLI(LightningCLI):
                     auto_insert_metric_name=False,
                 )
             )
+        if not any(isinstance(c, LastCheckpoint) or c.save_last for c in user_checkpoints):
             # Separate from best.ckpt: Lightning 2.6 refreshes `save_last` only when a top-k checkpoint
             # was saved, so a run whose metric stops improving would resume from its best epoch.
             callbacks.append(LastCheckpoint(every_s=cfg.get("checkpoint_every_s", 60.0)))

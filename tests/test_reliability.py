@@ -155,3 +155,17 @@ def test_best_checkpoint_holds_weights_and_loads_for_test(drive_root, tmp_path):
     assert "state_dict" in ckpt and "optimizer_states" not in ckpt
     cli = run_cli(["test", *_fit_args(drive_root, tmp_path, "w_test", 1)[1:], "--ckpt_path", str(best)])
     assert (Path(cli.trainer.default_root_dir) / "test_metrics.csv").is_file()
+
+
+def test_a_users_own_checkpoint_callback_keeps_the_resumable_last_checkpoint(drive_root, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from octlightning.callbacks import LastCheckpoint
+
+    own = '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/dice", "mode": "max", "save_top_k": 3}}]'  # noqa: E501
+    args = _fit_args(drive_root, tmp_path, "own", 1, "--trainer.callbacks", own)
+    cli = OctLightningCLI(args=args[1:], run=False)
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(checkpoints) == 2 and sum(isinstance(c, LastCheckpoint) for c in checkpoints) == 1
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert (tmp_path / "vessel_unet" / "own" / "checkpoints" / "last.ckpt").is_file()
