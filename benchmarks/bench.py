@@ -397,7 +397,11 @@ def main() -> None:
             table += "\n\n" + vessel_epoch_overhead(epochs, args.cpu, Path(args.out), overrides)
         except (SystemExit, Exception) as err:  # DRIVE absent here
             print(f"skip the vessel overhead run: {type(err).__name__}: {err}", file=sys.stderr)
-    print(table)
+    # The fits' progress bars share stdout: the table also goes to a file of its own.
+    out = Path(args.out) / f"bench-{'cpu' if args.cpu else 'gpu'}-{datetime.date.today()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(f"\n{table}\n\n(also written to {out})")
 
 
 if __name__ == "__main__":
