@@ -123,10 +123,14 @@ class CrossEntropyLoss(nn.Module):
             return (per_pixel * w).sum() / w.sum().clamp_min(1.0)
         weight = None
         if self.class_weights == "balanced":
-            counts = torch.bincount(target[w > 0].long().flatten(), minlength=logits.shape[1]).float()
+            # Valid pixels per class, then total / (classes present x count) for the present classes.
+            # Written without boolean indexing, which would make the GPU wait for the CPU every step.
+            k = logits.shape[1]
+            counts = torch.zeros(k, device=logits.device).scatter_add_(
+                0, target.long().clamp(0, k - 1).flatten(), w.flatten()
+            )
             present = counts > 0
-            weight = torch.zeros_like(counts)
-            weight[present] = counts.sum() / (present.sum() * counts[present])
+            weight = torch.where(present, counts.sum() / (present.sum() * counts).clamp_min(_EPS), 0.0)
         elif self.class_weights is not None:
             weight = torch.as_tensor(self.class_weights, dtype=torch.float32, device=logits.device)
         per_pixel = F.cross_entropy(logits, target.long(), weight=weight, reduction="none")
