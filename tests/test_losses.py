@@ -42,6 +42,19 @@ def test_balanced_ce_weights_rare_classes_up():
     assert balanced > plain
 
 
+def test_balanced_ce_counts_only_valid_pixels_and_present_classes():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6)
+    target = torch.randint(0, 3, (2, 6, 6))  # class 3 absent: weight 0, no division by zero
+    valid = torch.rand(2, 6, 6) > 0.3
+    counts = torch.bincount(target[valid], minlength=4).float()
+    weight = torch.tensor([counts.sum() / (3 * c) if c > 0 else 0.0 for c in counts])
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, weight=weight, reduction="none")
+    want = per_pixel[valid].sum() / weight[target][valid].sum()
+    got = CrossEntropyLoss(class_weights="balanced")(logits, target, valid)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_generalized_dice_and_named_losses_run_multiclass():
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)
     target = torch.randint(0, 4, (2, 8, 8))
