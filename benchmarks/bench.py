@@ -288,7 +288,9 @@ def loader_only(cli: OctLightningCLI, batches: int, max_warmup_batches: int = 50
             it = iter(loader)
             continue
         n += len(batch["image"])
-    return n / (time.perf_counter() - start)
+    ips = n / (time.perf_counter() - start)
+    dm.close_train_loader()
+    return ips
 
 
 def duke_semseg(out_dir: Path) -> Path:
@@ -315,6 +317,7 @@ def run(recipes: list[Recipe], cpu: bool, steps: int, warmup: int, out_dir: Path
             dm = cli.datamodule
             dm.setup("fit")
             batch = next(iter(dm.train_dataloader()))
+            dm.close_train_loader()  # its workers would idle beside the measurements
         except (SystemExit, Exception) as err:  # data or a library (SimpleITK) absent here, a broken config
             print(f"skip {recipe.name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue

@@ -14,6 +14,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from octlightning.data.training_loader import ContinuousTrainLoader
+
 
 class DataError(ValueError):
     """The dataset on disk is not what the DataModule expects; the message names the file(s)."""
@@ -174,25 +176,51 @@ class BaseDataModule(L.LightningDataModule):
     def collate_fn(self, train: bool):
         return None
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | ContinuousTrainLoader:
+        workers = self.num_workers
+        settings: dict[str, Any] = {
+            "num_workers": workers,
+            "pin_memory": torch.cuda.is_available(),
+            "collate_fn": self.collate_fn(train),
+        }
+        if train:
+            # One iterator across epochs: the workers prepare the next epoch while this one ends.
+            trainer = self.trainer
+            self.close_train_loader()
+            self._train_loader = ContinuousTrainLoader(
+                dataset,
+                self.batch_size,
+                drop_last=len(dataset) > self.batch_size,
+                seed=self.seed,
+                current_epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
+                rank=trainer.global_rank if trainer is not None else 0,
+                generator=torch.Generator().manual_seed(self.seed),  # the workers' base seed
+                **settings,
+            )
+            return self._train_loader
         sampler = None
-        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Lightning's default DistributedSampler pads the last batch with repeated samples, which
             # would count them twice in validation/test metrics: give each sample to one rank only.
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        workers = self.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            batch_size=self.eval_batch_size,
             sampler=sampler,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            drop_last=train and len(dataset) > self.batch_size,
-            collate_fn=self.collate_fn(train),
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            **settings,
         )
+
+    def close_train_loader(self) -> None:
+        """Stop the training loader's workers (at the end of fit; they outlive single epochs)."""
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None:
+            loader.close()
+        self._train_loader = None
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self.close_train_loader()
 
     def train_dataloader(self):
         return self._loader(self.train_set, train=True)
