@@ -44,6 +44,8 @@ def test_ranks_share_each_epoch_without_overlap(monkeypatch):
     assert len(parts[0]) == len(parts[1]) == 5  # 9 samples padded to 10, 5 per rank
     assert set(parts[0]) | set(parts[1]) == set(range(9))
     assert len(set(parts[0]) & set(parts[1])) == 1  # only the padding repeats a sample
+    # 5 samples per rank and batches of 8: one short batch, not an empty epoch
+    assert EpochBatchSampler(9, 8, drop_last=True, seed=0).batches_per_epoch() == 1
 
 
 def test_workers_carry_on_across_epochs_and_a_cut_epoch_restarts_cleanly():

@@ -47,7 +47,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def batches_per_epoch(self) -> int:
         per_rank = math.ceil(self.num_samples / _rank_and_world()[1])
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        full = per_rank // self.batch_size
+        # drop_last drops an incomplete last batch, never a rank's only one
+        return full if self.drop_last and full > 0 else math.ceil(per_rank / self.batch_size)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         rank, world = _rank_and_world()
