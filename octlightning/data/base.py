@@ -111,6 +111,11 @@ class SampleCache:
         return value
 
 
+def cached(cache: SampleCache | None, key: Hashable, load: Callable[[], T]) -> T:
+    """``load()``, kept in and served from ``cache`` when there is one (see :class:`SampleCache`)."""
+    return load() if cache is None else cache.get(key, load)
+
+
 def pad_to_multiple(tensor: torch.Tensor, height: int, width: int, value: float = 0.0) -> torch.Tensor:
     """Pad the last two dimensions at the bottom/right to ``height`` x ``width``."""
     h, w = tensor.shape[-2:]

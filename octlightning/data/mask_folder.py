@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, SampleCache, split_indices
+from octlightning.data.base import BaseDataModule, DataError, SampleCache, cached, split_indices
 from octlightning.data.io import (
     check_pairs,
     list_images,
@@ -183,11 +183,8 @@ class MaskFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
-        if self.cache is None:
-            image, mask = self.decode(pair)
-        else:
-            key = (str(pair.image), str(pair.mask), self.image_size)
-            image, mask = self.cache.get(key, lambda: self.decode(pair))
+        key = (str(pair.image), str(pair.mask), self.image_size)
+        image, mask = cached(self.cache, key, lambda: self.decode(pair))
         if self.transform is not None and mask is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]

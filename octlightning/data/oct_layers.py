@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, SampleCache, split_indices
+from octlightning.data.base import BaseDataModule, DataError, SampleCache, cached, split_indices
 from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
 
 NanPolicy = Literal["mask", "interpolate"]
@@ -364,11 +364,8 @@ class OCTLayerDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = self.indices[index]
-        if self.cache is None:
-            image, coords, valid, (h, w) = self.decode(i)
-        else:
-            key = (str(self.path), self.image_key, self.layer_key, i)
-            image, coords, valid, (h, w) = self.cache.get(key, lambda: self.decode(i))
+        key = (str(self.path), self.image_key, self.layer_key, i)
+        image, coords, valid, (h, w) = cached(self.cache, key, lambda: self.decode(i))
         sample: dict[str, Any] = {
             "id": f"{i:05d}",
             "size": torch.tensor([h, w]),

@@ -39,7 +39,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, SampleCache, make_pad_collate, split_indices
+from octlightning.data.base import (
+    BaseDataModule,
+    DataError,
+    SampleCache,
+    cached,
+    make_pad_collate,
+    split_indices,
+)
 from octlightning.data.io import check_pairs, list_images, load_image, read_image, require_dir, unique_index
 from octlightning.data.transforms import (
     IMAGENET_MEAN,
@@ -282,10 +289,7 @@ class OCTSemSegDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        if self.cache is None:
-            image, labels, fov = self.decode(item)
-        else:
-            image, labels, fov = self.cache.get((str(item.image), str(item.mask)), lambda: self.decode(item))
+        image, labels, fov = cached(self.cache, (str(item.image), str(item.mask)), lambda: self.decode(item))
         if self.transform is not None:
             out = self.transform(image=image, mask=labels, fov=fov)
             image, labels, fov = out["image"], out["mask"], out["fov"]

@@ -61,7 +61,14 @@ from skimage.filters.rank import entropy
 from skimage.morphology import disk
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, SampleCache, make_pad_collate, split_indices
+from octlightning.data.base import (
+    BaseDataModule,
+    DataError,
+    SampleCache,
+    cached,
+    make_pad_collate,
+    split_indices,
+)
 from octlightning.data.io import require_utf8_name, shown_path
 from octlightning.data.transforms import SeededTransform, segmentation_augmentation
 
@@ -670,7 +677,7 @@ class RetouchPatchDataset(Dataset):
                 allowed &= fluid_window_counts(labels > 0, self.patch) == 0
             return np.flatnonzero(allowed).astype(np.int32)
 
-        return find() if self.cache is None else self.cache.get(("centres", case, z, k, self.patch), find)
+        return cached(self.cache, ("centres", case, z, k, self.patch), find)
 
     def locate(self, index: int, rng: np.random.Generator) -> tuple[str, int, int, int]:
         """``(case, slice, row, column)`` of the centre of patch ``index``."""
