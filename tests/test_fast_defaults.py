@@ -31,15 +31,6 @@ def test_channels_last_is_applied_to_the_network_and_its_inputs_on_a_gpu(monkeyp
     assert plain.net.encoder[0][0].weight.is_contiguous()
 
 
-def test_channels_last_is_not_applied_when_training_on_the_cpu(drive_root, tmp_path):
-    cli = run_cli([
-        "fit", "--config", str(REPO / "hparams" / "vessel_unet.json"), "--data.init_args.root", str(drive_root),
-        *TINY_VESSEL, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true",
-    ])  # fmt: skip
-    assert cli.model.channels_last  # the recipe asks for it ...
-    assert cli.model.net.encoder[0][0].weight.is_contiguous()  # ... but NCHW is faster on the CPU
-
-
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken_compile(fn, *args, **kwargs):
         def call(*a, **k):
@@ -59,15 +50,29 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     assert task._forward_impl is None  # later steps go straight to eager
 
 
-def test_null_precision_resolves_to_full_precision_on_cpu(drive_root, tmp_path):
-    assert default_precision() == "32-true"  # bf16-mixed only on a bf16-capable GPU
-    cli = run_cli([
+def _fast_dev_fit(drive_root, root, *extra: str):
+    return run_cli([
         "fit", "--config", str(REPO / "hparams" / "vessel_unet.json"), "--data.init_args.root", str(drive_root),
-        *TINY_VESSEL, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true",
+        *TINY_VESSEL, "--trainer.default_root_dir", str(root), "--trainer.fast_dev_run", "true", *extra,
     ])  # fmt: skip
-    assert cli.trainer.precision == "32-true"
-    opt = cli.trainer.optimizers[0]
+
+
+@pytest.fixture(scope="module")
+def cpu_fit(drive_root, tmp_path_factory):
+    """One fast_dev_run fit of the (shrunk) vessel recipe on the CPU, for the checks below."""
+    return _fast_dev_fit(drive_root, tmp_path_factory.mktemp("runs"))
+
+
+def test_null_precision_resolves_to_full_precision_on_cpu(cpu_fit):
+    assert default_precision() == "32-true"  # bf16-mixed only on a bf16-capable GPU
+    assert cpu_fit.trainer.precision == "32-true"
+    opt = cpu_fit.trainer.optimizers[0]
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-4
+
+
+def test_channels_last_is_not_applied_when_training_on_the_cpu(cpu_fit):
+    assert cpu_fit.model.channels_last  # the recipe asks for it ...
+    assert cpu_fit.model.net.encoder[0][0].weight.is_contiguous()  # ... but NCHW is faster on the CPU
 
 
 # ----------------------------------------------------------------------------- decoded-sample cache
@@ -113,10 +118,6 @@ def test_training_images_are_decoded_once_and_still_augmented_every_epoch(
 def test_progress_bar_reads_the_loss_every_tenth_step_not_every_step(drive_root, tmp_path):
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    cli = run_cli([
-        "fit", "--config", str(REPO / "hparams" / "vessel_unet.json"), "--data.init_args.root", str(drive_root),
-        *TINY_VESSEL, "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "true",
-        "--trainer.enable_progress_bar", "true",
-    ])  # fmt: skip
+    cli = _fast_dev_fit(drive_root, tmp_path, "--trainer.enable_progress_bar", "true")
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, TQDMProgressBar) and bar.refresh_rate == 10
