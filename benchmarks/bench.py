@@ -55,6 +55,11 @@ class Recipe:
     cpu_args: list[str] = field(default_factory=list)
 
 
+# No released MIRAGE weights on this machine: a randomly initialised encoder runs at the same speed.
+# (jsonargparse reads a nested `...init_args.weights null` as the string "None"; the JSON form works.)
+# `{semseg}`: the shared Duke file converted to the MIRAGE layout (see duke_semseg).
+MIRAGE_ARGS = ["--model.init_args.net", '{"init_args": {"weights": null}}', "--data.init_args.root", "{semseg}"]
+
 RECIPES = [
     Recipe(
         "vessel U-Net (DRIVE)",
@@ -77,11 +82,8 @@ RECIPES = [
     Recipe(
         "MIRAGE-Base frozen + ConvNeXt decoder (Duke DME)",
         "hparams/duke_dme_foundation.json",
-        # No released weights on this machine: a randomly initialised encoder runs at the same speed.
-        # (jsonargparse reads a nested `...init_args.weights null` as the string "None"; JSON form works)
-        gpu_args=["--model.init_args.net", '{"init_args": {"weights": null}}', "--data.init_args.root", "{semseg}"],
-        cpu_args=["--model.init_args.net", '{"init_args": {"weights": null}}', "--data.init_args.root", "{semseg}",
-                  "--model.init_args.net.init_args.preset", "tiny", "--data.init_args.batch_size", "2"],
+        gpu_args=MIRAGE_ARGS,
+        cpu_args=[*MIRAGE_ARGS, "--model.init_args.net.init_args.preset", "tiny", "--data.init_args.batch_size", "2"],
     ),
     Recipe(
         "RETOUCH U-Net patches",
