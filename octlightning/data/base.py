@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import lightning as L
@@ -56,25 +56,16 @@ def split_indices(groups: Sequence[Any], fractions: Sequence[float], seed: int) 
 T = TypeVar("T")
 
 
-def _nbytes(value: Any) -> int:
+def _arrays(value: Any) -> Iterator[np.ndarray]:
+    """The numpy arrays in a (nested) tuple/list/dict sample."""
     if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
-
-
-def _freeze(value: Any) -> None:
-    if isinstance(value, np.ndarray):
-        value.flags.writeable = False
+        yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            _freeze(v)
+            yield from _arrays(v)
     elif isinstance(value, dict):
         for v in value.values():
-            _freeze(v)
+            yield from _arrays(v)
 
 
 class SampleCache:
@@ -103,9 +94,11 @@ class SampleCache:
         if key in self._items:
             return self._items[key]
         value = load()
-        size = _nbytes(value)
+        arrays = list(_arrays(value))
+        size = sum(a.nbytes for a in arrays)
         if self.bytes + size <= self.max_bytes:
-            _freeze(value)
+            for a in arrays:
+                a.flags.writeable = False
             self._items[key] = value
             self.bytes += size
         return value
@@ -176,6 +169,7 @@ class BaseDataModule(L.LightningDataModule):
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.seed = seed
         self.eval_batch_size = eval_batch_size or batch_size
+        self._train_loader: ContinuousTrainLoader | None = None
 
     # Subclasses override to pad variable-size samples; default stacks equal-size samples.
     def collate_fn(self, train: bool):
@@ -218,9 +212,8 @@ class BaseDataModule(L.LightningDataModule):
 
     def close_train_loader(self) -> None:
         """Stop the training loader's workers (at the end of fit; they outlive single epochs)."""
-        loader = getattr(self, "_train_loader", None)
-        if loader is not None:
-            loader.close()
+        if self._train_loader is not None:
+            self._train_loader.close()
         self._train_loader = None
 
     def teardown(self, stage: str) -> None:
