@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from octlightning.data.base import DataError
+from octlightning.errors import DataError
 
 SPLITS = (("fit", "train_set", "train"), ("fit", "val_set", "val"), ("test", "test_set", "test"))
 # Keys whose integer values are labels worth listing.

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import LastCheckpoint, LogOverlays
-from octlightning.data.base import DataError
+from octlightning.errors import DataError
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"

@@ -17,7 +17,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from octlightning.checkpoints import UnsafeCheckpointError
 from octlightning.cli import run_cli
-from octlightning.data.base import DataError
 from octlightning.data.oct_semseg import (
     DUKE_BOUNDARIES,
     IGNORE_VALUE,
@@ -28,6 +27,7 @@ from octlightning.data.oct_semseg import (
     read_value_mask,
     write_info,
 )
+from octlightning.errors import DataError
 from octlightning.evaluate import main as evaluate_main
 from octlightning.metrics import hausdorff_percentile, hd95_per_class
 from octlightning.models.foundation import FoundationSegNet

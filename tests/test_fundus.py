@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from octlightning.data.base import DataError
 from octlightning.data.fundus import FundusVesselDataModule
+from octlightning.errors import DataError
 from tests.conftest import shared
 
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from octlightning.callbacks import FreezeBackbone
 from octlightning.cli import run_cli
-from octlightning.data.base import DataError
 from octlightning.data.mask_folder import ISIC_TEST, ISIC_TRAIN, ISIC_VAL, MaskFolderDataModule
+from octlightning.errors import DataError
 from octlightning.metrics import confusion_counts, scores_from_counts, thresholded_jaccard
 from octlightning.models.smp_net import SMPNet
 from octlightning.tasks.segmentation import SegmentationTask

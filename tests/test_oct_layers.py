@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from octlightning.cli import run_cli
-from octlightning.data.base import DataError
 from octlightning.data.oct_layers import (
     LayerAugmentation,
     OCTLayerDataModule,
@@ -24,6 +23,7 @@ from octlightning.data.oct_layers import (
     rescale_rows,
 )
 from octlightning.data.transforms import SeededTransform
+from octlightning.errors import DataError
 from octlightning.metrics import BoundaryError
 from octlightning.models.layer_regression import SegFormerLayerRegressor
 from octlightning.tasks.layer_regression import LayerRegressionTask

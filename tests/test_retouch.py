@@ -14,8 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from octlightning.cli import run_cli
-from octlightning.data.base import DataError
 from octlightning.data.retouch import RetouchDataModule, find_cases, fluid_window_counts
+from octlightning.errors import DataError
 from octlightning.inference import sliding_window, tile_starts
 from octlightning.models.discriminator import PairDiscriminator
 from octlightning.models.unet import UNet

@@ -15,10 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from octlightning.data.training_loader import ContinuousTrainLoader
-
-
-class DataError(ValueError):
-    """The dataset on disk is not what the DataModule expects; the message names the file(s)."""
+from octlightning.errors import DataError
 
 
 def default_num_workers() -> int:

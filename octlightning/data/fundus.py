@@ -17,7 +17,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, make_pad_collate, split_indices
+from octlightning.data.base import BaseDataModule, make_pad_collate, split_indices
 from octlightning.data.io import (
     check_pairs,
     list_images,
@@ -36,6 +36,7 @@ from octlightning.data.transforms import (
     mask_to_tensor,
     segmentation_augmentation,
 )
+from octlightning.errors import DataError
 
 Layout = Literal["drive", "chase", "folder"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from octlightning.data.base import DataError
+from octlightning.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
 # PIL modes holding more than 8 bits per pixel: converting them to "L"/"RGB" clips (16-bit) or

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, SampleCache, cached, split_indices
+from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
 from octlightning.data.io import (
     check_pairs,
     list_images,
@@ -48,6 +48,7 @@ from octlightning.data.transforms import (
     mask_to_tensor,
     segmentation_augmentation,
 )
+from octlightning.errors import DataError
 
 ISIC_TRAIN = ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth")
 ISIC_VAL = ("ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth")

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, DataError, SampleCache, cached, split_indices
+from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
 from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
+from octlightning.errors import DataError
 
 NanPolicy = Literal["mask", "interpolate"]
 

@@ -41,7 +41,6 @@ from torch.utils.data import Dataset
 
 from octlightning.data.base import (
     BaseDataModule,
-    DataError,
     SampleCache,
     cached,
     make_pad_collate,
@@ -56,6 +55,7 @@ from octlightning.data.transforms import (
     mask_to_tensor,
     segmentation_augmentation,
 )
+from octlightning.errors import DataError
 
 SPLITS = ("train", "val", "test")
 DEFAULT_IGNORE_LABELS = ("invalid",)

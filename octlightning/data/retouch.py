@@ -63,7 +63,6 @@ from torch.utils.data import Dataset
 
 from octlightning.data.base import (
     BaseDataModule,
-    DataError,
     SampleCache,
     cached,
     make_pad_collate,
@@ -71,6 +70,7 @@ from octlightning.data.base import (
 )
 from octlightning.data.io import require_utf8_name, shown_path
 from octlightning.data.transforms import SeededTransform, segmentation_augmentation
+from octlightning.errors import DataError
 
 VENDORS = ("Cirrus", "Spectralis", "Topcon")
 FLUIDS = ("IRF", "SRF", "PED")
