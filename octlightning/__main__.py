@@ -1,4 +1,4 @@
-from octlightning.cli import main
+from octlightning.commands import main
 
 if __name__ == "__main__":
     main()

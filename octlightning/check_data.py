@@ -90,9 +90,12 @@ def main(argv: list[str]) -> int:
     from octlightning.cli import OctLightningCLI
 
     class _DataOnlyCLI(OctLightningCLI):
+        # Only the DataModule is built: checking data needs no model (nor its pretrained weights).
+        def before_instantiate_classes(self) -> None:
+            pass
+
         def instantiate_classes(self) -> None:
-            self.config_init = self.parser.instantiate_classes(self.config)
-            self.datamodule = self._get(self.config_init, "data")
+            self.datamodule = self.instantiate_datamodule()
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is ours to pass

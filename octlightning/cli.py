@@ -1,16 +1,19 @@
-"""The ``octlightning`` command: LightningCLI with run folders, Comet, checkpoints and fast GPU defaults.
+"""LightningCLI for ``fit``/``validate``/``test``/``predict``: run folders, Comet, checkpoints, data->model links.
 
 ``octlightning fit --config hparams/vessel_unet.json`` trains, validates and checkpoints into
 ``runs/<experiment>/<version>/`` (``<experiment>`` defaults to the config file name). The model and
 the data are chosen by ``class_path`` in the config; every key can be overridden on the command line
-(``--model.init_args.lr 5e-5``).
+(``--model.init_args.lr 5e-5``). The console entry point is :mod:`octlightning.commands`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
+from copy import deepcopy
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +30,82 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import LastCheckpoint, LogOverlays
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
 # Progress bar refresh interval in training steps (a user's own progress-bar callback wins).
 PROGRESS_BAR_REFRESH_STEPS = 10
+
+# The trainer settings every recipe shares (a recipe's JSON sets only what is its own, such as
+# max_epochs); `trainer.precision: null` means bf16-mixed on a bf16-capable GPU, else 32-true.
+TRAINER_DEFAULTS: dict[str, Any] = {"log_every_n_steps": 5, "default_root_dir": "runs"}
+SEED_DEFAULT = 42
+
+# What the data determines: wherever a task or network in the model config (at any depth) takes an
+# argument of one of these names, the CLI gives it the DataModule's value (typed once, in the data). A
+# config that sets one to another value fails before anything is built (ConfigError naming both).
+DATA_DETERMINES = ("in_channels", "num_classes", "class_names", "num_boundaries", "boundary_names", "output_width")
+# Model arguments the data only suggests: filled from the DataModule attribute when the config leaves
+# them unset (the evaluation tile defaults to the training patch).
+DATA_SUGGESTS = {"sliding_window": "patch_size"}
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of argument ``name`` of ``cls`` (searching base classes for ``**kwargs`` pass-through)."""
+    for klass in getattr(cls, "__mro__", [cls]):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameter = inspect.signature(init).parameters.get(name)
+        if parameter is not None:
+            return parameter.default
+    return inspect.Parameter.empty
+
+
+def link_data_to_model(node: Any, datamodule: Any, where: str = "model") -> None:
+    """Fill the model config ``node`` (a jsonargparse Namespace) in place with what ``datamodule`` determines.
+
+    Walks every ``class_path``/``init_args`` pair under ``node``. An argument named in
+    :data:`DATA_DETERMINES` gets the DataModule's value (a DataModule attribute that is ``None`` leaves
+    it alone); one named in :data:`DATA_SUGGESTS` gets it only while unset.
+
+    Raises:
+        ConfigError: the config sets a determined argument to a value other than its class default and
+            the data's (message names the key and both values).
+    """
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            link_data_to_model(item, datamodule, f"{where}[{i}]")
+        return
+    if not hasattr(node, "get") or node.get("class_path") is None or node.get("init_args") is None:
+        return
+    module, _, name = str(node["class_path"]).rpartition(".")
+    cls = getattr(import_module(module), name)
+    args = node["init_args"]
+    for key in DATA_DETERMINES:
+        value = getattr(datamodule, key, None)
+        if key not in args or value is None:
+            continue
+        given = args[key]
+        if given is not None and _plain(given) != _plain(_default(cls, key)) and _plain(given) != _plain(value):
+            raise ConfigError(
+                f"{where}.init_args.{key} is {_plain(given)!r} in the config, but the data "
+                f"({type(datamodule).__name__} at {getattr(datamodule, 'root', '?')}) has {key} = {_plain(value)!r}; "
+                f"remove it from the config (the data sets it) or use data that matches it"
+            )
+        args[key] = _plain(value)
+    for key, attribute in DATA_SUGGESTS.items():
+        value = getattr(datamodule, attribute, None)
+        if key in args and args[key] is None and value is not None:
+            args[key] = _plain(value)
+    for key, value in vars(args).items():
+        link_data_to_model(value, datamodule, f"{where}.init_args.{key}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that a config's list and a DataModule's tuple compare equal."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def next_version(experiment_dir: Path) -> str:
@@ -78,6 +151,8 @@ class OctLightningCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         # Each run has its own version folder; overwrite only matters when a run is resumed in place.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("seed_everything_default", SEED_DEFAULT)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -95,6 +170,35 @@ class OctLightningCLI(LightningCLI):
             help="refresh last.ckpt at an epoch end once this many seconds have passed (0: every epoch); "
             "it is also saved when training ends and on SIGTERM",
         )
+
+    # ------------------------------------------------------------------ data -> model
+    def instantiate_datamodule(self) -> Any:
+        """The DataModule of the parsed config, built alone (no model, no trainer: ``check-data``)."""
+        spec = self._cfg()["data"]
+        module, _, name = str(spec["class_path"]).rpartition(".")
+        init_args = spec.get("init_args")
+        return getattr(import_module(module), name)(**(init_args.as_dict() if init_args is not None else {}))
+
+    def before_instantiate_classes(self) -> None:
+        """Put back the model as parsed (see :meth:`parse_arguments`) and fill in what the data determines."""
+        cfg = self._cfg()
+        if getattr(self, "_parsed_model", None) is not None:
+            cfg["model"] = self._parsed_model
+        if cfg.get("model") is not None:
+            link_data_to_model(cfg["model"], self.instantiate_datamodule())
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, and keep the model exactly as the config and command line give it.
+
+        With ``--ckpt_path``, LightningCLI then overwrites the model's arguments with the hyperparameters
+        saved in the checkpoint, silently undoing command-line overrides (``--model.init_args.threshold``);
+        :meth:`before_instantiate_classes` puts the parsed model config back. A checkpoint that does not
+        fit the configured network fails loudly at load time instead.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        self._parsed_model = deepcopy(cfg.get("model"))
 
     # ------------------------------------------------------------------ run folder
     def _cfg(self) -> Any:
@@ -121,14 +225,6 @@ class OctLightningCLI(LightningCLI):
         version = self._cfg().get("version") or next_version(root / name)
         os.environ[RUN_DIR_ENV] = str(root / name / version)
         return root, name, version
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep the model exactly as the config and command line give it.
-
-        Lightning would overwrite the model's arguments with the hyperparameters saved in
-        ``--ckpt_path``, silently undoing command-line overrides (``--model.init_args.threshold``).
-        A checkpoint that does not fit the configured network fails loudly at load time instead.
-        """
 
     # ------------------------------------------------------------------ trainer
     def instantiate_trainer(self, **kwargs: Any):
@@ -238,32 +334,3 @@ class OctLightningCLI(LightningCLI):
 def run_cli(args: list[str] | None = None) -> OctLightningCLI:
     """Run one CLI command in this process and return the CLI (trainer, model, datamodule)."""
     return OctLightningCLI(args=args)
-
-
-def main() -> None:
-    """Console entry point (``octlightning``).
-
-    ``octlightning sweep ...`` goes to :mod:`octlightning.sweep`, ``octlightning check-data ...`` to
-    :mod:`octlightning.check_data`; everything else is a LightningCLI subcommand.
-    """
-    if len(sys.argv) > 1 and sys.argv[1] == "sweep":
-        from octlightning.sweep import main as sweep_main
-
-        sys.exit(sweep_main(sys.argv[2:]))
-    if len(sys.argv) > 1 and sys.argv[1] == "check-data":
-        from octlightning.check_data import main as check_data_main
-
-        sys.exit(check_data_main(sys.argv[2:]))
-    try:
-        run_cli()
-    except DataError as err:
-        # Bad data is the user's to fix, not ours to debug: one line naming the file, no traceback
-        # (from a loader worker the message arrives wrapped in the worker's traceback text).
-        message = str(err).strip().splitlines()
-        cause = next((line for line in reversed(message) if "DataError: " in line), message[-1] if message else "")
-        print(f"octlightning: data error: {cause.split('DataError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

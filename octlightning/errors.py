@@ -9,3 +9,10 @@ class DataError(ValueError):
     The message names the file(s), what is wrong with them and, where one exists, the option that
     fixes it. The CLI prints it as one line without a traceback and exits with status 1.
     """
+
+
+class ConfigError(ValueError):
+    """The config contradicts itself or the data (e.g. a class count the dataset does not have).
+
+    The message names the config key(s) and both values. The CLI prints it as one line and exits 1.
+    """

@@ -222,7 +222,7 @@ def write_layers(root: Path) -> Path:
 
 def layers_dm(root: Path, **kw) -> OCTLayerDataModule:
     args = dict(batch_size=2, num_workers=0, layer_indices=[0, 2], image_size=[LAYER_H, LAYER_W])
-    args.update(output_width=LAYER_W, val_size=1, test_size=1, augment=False)
+    args.update(output_width=LAYER_W, val_fraction=1, test_fraction=1, augment=False)
     return OCTLayerDataModule(str(root), **(args | kw))
 
 

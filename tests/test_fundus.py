@@ -34,7 +34,7 @@ def test_drive_layout_loads_with_seeded_split_and_fov(drive_root):
 
 
 def test_patch_training_draws_patches_per_image_and_keeps_fov_with_the_image(drive_root):
-    dm = _dm(drive_root, patch_size=32, patches_per_image=3, channels="green", clahe=True)
+    dm = _dm(drive_root, patch_size=32, patches_per_image=3, in_channels=1, clahe=True)
     dm.setup("fit")
     assert len(dm.train_set) == 3 * len(dm.train_set.records)
     sample = dm.train_set[0]
@@ -91,7 +91,7 @@ def test_unreadable_files_are_errors_naming_the_file(drive_root, tmp_path, conte
         _dm(root).setup("fit")
 
 
-def test_size_mismatch_is_an_error_naming_both_files(drive_root, tmp_path):
+def test_fraction_mismatch_is_an_error_naming_both_files(drive_root, tmp_path):
     root = _copy(drive_root, tmp_path)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "training" / "mask" / "26_training_mask.gif")
     with pytest.raises(DataError, match="26_training_mask.gif.*26_training.tif"):

@@ -76,7 +76,7 @@ def h5file(tmp_path_factory) -> Path:
 
 def _dm(root, **kw) -> OCTLayerDataModule:
     args = {"batch_size": 2, "num_workers": 0, "layer_indices": [0, 2], "image_size": [H, W], "output_width": W}
-    args.update({"val_size": 1, "test_size": 1})  # one subject each
+    args.update({"val_fraction": 1, "test_fraction": 1})  # one subject each
     args.update(kw)
     return OCTLayerDataModule(str(root), **args)
 
@@ -152,7 +152,7 @@ def test_subject_split_is_seeded_disjoint_and_excludes_unannotated_scans(h5file)
 
 def test_without_subjects_the_split_is_by_bscan(tmp_path):
     path = write_layer_file(tmp_path / "nosubj.h5", subject=None)
-    dm = _dm(path, val_size=0.2, test_size=2)
+    dm = _dm(path, val_fraction=0.2, test_fraction=2)
     with pytest.warns(UserWarning, match="splitting by B-scan"):
         dm.setup("fit")
     assert (len(dm.splits["val"]), len(dm.splits["test"])) == (2, 2)
@@ -378,9 +378,9 @@ def _cli_args(subcommand: str, root: Path, runs: Path, *extra: str, fast: bool =
         "32",
         "--data.init_args.layer_indices",
         "[0, 2]",
-        "--data.init_args.val_size",
+        "--data.init_args.val_fraction",
         "1",
-        "--data.init_args.test_size",
+        "--data.init_args.test_fraction",
         "1",
         "--data.init_args.batch_size",
         "2",
@@ -454,7 +454,7 @@ def test_fit_checkpoints_on_boundary_error_then_test_and_predict_write_results(h
 
 def test_predict_on_an_unannotated_file(h5file, tmp_path):
     images_only = write_layer_file(tmp_path / "new.h5", layer_maps=None, subject=None)
-    run_cli(_cli_args("predict", h5file, tmp_path / "runs", "--data.init_args.predict_root", str(images_only)))
+    run_cli(_cli_args("predict", h5file, tmp_path / "runs", "--data.init_args.predict_dir", str(images_only)))
     out = next((tmp_path / "runs").rglob("predictions"))
     # fast_dev_run predicts one batch: the file's first two B-scans (unannotated, so none is excluded)
     want = [f"0000{i}_{kind}.npy" for i in (0, 1) for kind in ("boundaries", "thickness")]

@@ -156,11 +156,11 @@ def test_preprocessing_cache_is_reused_and_rebuilt_when_settings_or_files_change
     assert _dm(root, cache).store().path not in (first, changed)
 
 
-def test_predict_root_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path):
+def test_predict_dir_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path):
     other = tmp_path / "new_cases"
     image, _ = synthetic_case(np.random.default_rng(5), sixteen_bit=False)
     write_mhd(image, other / "NEW_Topcon_01" / "oct.mhd")
-    dm = _dm(retouch_root, cache_dir, predict_root=str(other))
+    dm = _dm(retouch_root, cache_dir, predict_dir=str(other))
     dm.prepare_data()
     dm.setup("predict")
     assert dm.predict_set.items == [("NEW_Topcon_01", z) for z in range(4)]
@@ -169,7 +169,7 @@ def test_predict_root_cases_are_matched_to_the_training_reference(retouch_root, 
     # the new (Topcon) case is matched to the training set's Spectralis histogram
     np.testing.assert_allclose(dm.predict_store().reference_hist, dm.store().reference_hist)
     assert dm.predict_store().path != dm.store().path
-    # without predict_root, predict takes the root's cases without reference
+    # without predict_dir, predict takes the root's cases without reference
     dm = _dm(retouch_root, cache_dir)
     dm.setup("predict")
     assert {case for case, _ in dm.predict_set.items} == {"TEST001"}
@@ -270,7 +270,7 @@ def test_tiles_cover_the_image_with_the_requested_overlap():
 
 def test_discriminator_scores_any_size_and_both_pairings():
     for pair in ("concat", "product"):
-        disc = PairDiscriminator(image_channels=1, num_classes=4, base_channels=4, depth=3, pair=pair)
+        disc = PairDiscriminator(in_channels=1, num_classes=4, base_channels=4, depth=3, pair=pair)
         assert disc(torch.randn(2, 1, 40, 24), torch.rand(2, 4, 40, 24)).shape == (2,)
     with pytest.raises(ValueError, match="3 channels"):
         disc(torch.randn(2, 1, 40, 24), torch.rand(2, 3, 40, 24))

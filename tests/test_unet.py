@@ -8,7 +8,7 @@ from octlightning.models.unet import UNet
 def test_unet_keeps_spatial_size(depth, out):
     net = UNet(
         in_channels=1,
-        out_channels=out,
+        num_classes=out,
         base_channels=4,
         depth=depth,
         dropout=0.1,

@@ -139,33 +139,67 @@ def make_pad_collate(multiple: int, spatial_keys: Sequence[str], pad_values: dic
 
 
 class BaseDataModule(L.LightningDataModule):
-    """Loader settings and loaders shared by every DataModule.
+    """The contract every octlightning DataModule meets: one name for each shared setting, and what the
+    model must agree with.
 
-    A subclass's ``setup`` creates ``train_set``/``val_set`` (fit), ``test_set`` (test) and
-    ``predict_set`` (predict); the loaders here serve them with the shared settings.
-
-    Args:
+    Shared arguments (every DataModule takes them under these names):
         root: the dataset folder or file.
-        batch_size: training batch size (evaluation uses ``eval_batch_size`` or the same).
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation/test/predict (``None``: ``batch_size``).
         num_workers: loader worker processes; ``None`` picks one per free CPU core (at most 8).
         seed: seed for splits and patch sampling.
-        eval_batch_size: batch size for validation/test/predict (``None``: ``batch_size``).
+        val_fraction: share of the training groups (subjects, volumes, images) held out for validation
+            where the dataset has no validation split of its own.
+        test_fraction: share held out for ``test`` where the dataset has no test split (0: none).
+        predict_dir: a folder (or file) to predict; ``None`` predicts the test split.
+        in_channels: channels of the network input the samples carry.
+        cache_mb: memory per loader process for decoded samples (see :class:`SampleCache`; 0: none).
+
+    What the model must agree with, read by the CLI and linked into the model's arguments (typed once,
+    in the data): :attr:`in_channels`; for segmentation :attr:`num_classes` (network output channels:
+    1 for binary, else the classes including background) and :attr:`class_names` (foreground classes);
+    for boundary regression :attr:`num_boundaries`, :attr:`boundary_names` and :attr:`output_width`;
+    :attr:`patch_size` (the training tile, the default sliding window for evaluation). Attributes a
+    DataModule does not determine stay ``None``.
+
+    Samples are dicts with the keys of :class:`octlightning.data.sample.Sample`. A subclass's ``setup``
+    creates ``train_set``/``val_set`` (fit), ``test_set`` (test) and ``predict_set`` (predict); the
+    loaders here serve them with the shared settings.
     """
+
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    num_boundaries: int | None = None
+    boundary_names: list[str] | None = None
+    output_width: int | None = None
+    patch_size: list[int] | None = None
 
     def __init__(
         self,
         root: str,
         batch_size: int = 4,
+        eval_batch_size: int | None = None,
         num_workers: int | None = None,
         seed: int = 42,
-        eval_batch_size: int | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        predict_dir: str | None = None,
+        in_channels: int = 3,
+        cache_mb: float = 1024,
     ) -> None:
         super().__init__()
+        if val_fraction < 0 or test_fraction < 0:
+            raise ValueError(f"val_fraction and test_fraction must not be negative, got {val_fraction}, {test_fraction}")
         self.root = root
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.seed = seed
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.predict_dir = predict_dir
+        self.in_channels = in_channels
+        self.cache_mb = cache_mb
         self._train_loader: ContinuousTrainLoader | None = None
 
     # Subclasses override to pad variable-size samples; default stacks equal-size samples.

@@ -175,52 +175,59 @@ class FundusVesselDataModule(BaseDataModule):
 
     Args:
         root: dataset folder (DRIVE: the folder holding ``training/`` and ``test/``).
-        batch_size, num_workers, seed, eval_batch_size: see :class:`BaseDataModule`.
+        batch_size, eval_batch_size, num_workers, seed, val_fraction, predict_dir: see
+            :class:`~octlightning.data.base.BaseDataModule`.
+        test_fraction: must stay 0: every fundus layout brings its own test split.
+        in_channels: 3 (RGB) or 1 (the green channel alone, the best vessel contrast).
+        cache_mb: not used: fundus sets (20-40 images) are decoded once in ``setup`` and kept whole.
         layout: ``drive`` (published DRIVE layout), ``chase`` (CHASE_DB1 flat folder) or ``folder``
             (``images/`` + ``masks/`` [+ ``fov/``], test set under ``test/``).
-        val_fraction: share of training images held out for validation (seeded split).
         patch_size: train on random ``patch_size x patch_size`` crops; ``None`` trains on whole images.
         patches_per_image: crops drawn from each training image per epoch (patch training).
-        channels: ``rgb`` (3 channels) or ``green`` (1 channel, best vessel contrast).
         clahe: equalise the green channel (CLAHE) before everything else.
         augment: flips, rotation, elastic deformation and brightness/contrast during training.
         pad_to: evaluation images are padded to a multiple of this (the network's stride).
-        predict_dir: folder of images to predict; ``None`` predicts the test split.
     """
 
     def __init__(
         self,
         root: str,
         batch_size: int = 4,
+        eval_batch_size: int | None = None,
         num_workers: int | None = None,
         seed: int = 42,
-        eval_batch_size: int | None = None,
-        layout: Layout = "drive",
         val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        predict_dir: str | None = None,
+        in_channels: Literal[1, 3] = 3,
+        cache_mb: float = 1024,
+        layout: Layout = "drive",
         patch_size: int | None = None,
         patches_per_image: int = 1,
-        channels: Literal["rgb", "green"] = "rgb",
         clahe: bool = False,
         augment: bool = True,
         pad_to: int = 32,
-        predict_dir: str | None = None,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
+            in_channels, cache_mb,
+        )  # fmt: skip
         self.save_hyperparameters()
+        if test_fraction:
+            raise ValueError("test_fraction must be 0 for fundus data: every layout brings its own test split")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 3 (RGB) or 1 (green channel), got {in_channels}")
         self.layout = layout
-        self.val_fraction = val_fraction
-        self.patch_size = patch_size
+        self.patch_size = [patch_size, patch_size] if patch_size else None
         self.patches_per_image = patches_per_image if patch_size else 1
-        self.channels = channels
+        self.channels = "green" if in_channels == 1 else "rgb"
         self.clahe = clahe
         self.augment = augment
         self.pad_to = pad_to
-        self.predict_dir = predict_dir
         self._train_records: list[FundusRecord] | None = None
 
-    @property
-    def in_channels(self) -> int:
-        return 1 if self.channels == "green" else 3
+    num_classes = 1  # binary: one vessel logit
+    class_names = ["vessel"]
 
     def _training_records(self) -> list[FundusRecord]:
         if self._train_records is None:
@@ -234,7 +241,7 @@ class FundusVesselDataModule(BaseDataModule):
             if len(records) < 2:
                 raise DataError(f"{self.root}: need at least 2 training images for a validation split")
             train_idx, val_idx = split_indices(range(len(records)), [self.val_fraction], self.seed)
-            crop = (self.patch_size, self.patch_size) if self.patch_size else None
+            crop = tuple(self.patch_size) if self.patch_size else None
             transform = segmentation_augmentation(
                 hflip=0.5 if self.augment else 0,
                 vflip=0.5 if self.augment else 0,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -208,7 +209,8 @@ class MaskFolderDataModule(BaseDataModule):
 
     Args:
         root: dataset folder.
-        batch_size, num_workers, seed, eval_batch_size: see :class:`BaseDataModule`.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
+        in_channels: 3: images are read as RGB (dermoscopy, endoscopy photographs).
         image_dir, mask_dir: training images and masks.
         val_image_dir, val_mask_dir: validation folders, used when ``val_image_dir`` exists
             (``None``: always split the training set).
@@ -228,13 +230,21 @@ class MaskFolderDataModule(BaseDataModule):
             :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
 
+    num_classes = 1  # binary: one foreground logit
+    class_names = ["lesion"]
+
     def __init__(
         self,
         root: str,
         batch_size: int = 16,
+        eval_batch_size: int | None = None,
         num_workers: int | None = None,
         seed: int = 42,
-        eval_batch_size: int | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        predict_dir: str | None = None,
+        in_channels: Literal[3] = 3,
+        cache_mb: float = 1024,
         image_dir: str = ISIC_TRAIN[0],
         mask_dir: str = ISIC_TRAIN[1],
         val_image_dir: str | None = ISIC_VAL[0],
@@ -244,14 +254,13 @@ class MaskFolderDataModule(BaseDataModule):
         image_glob: str = "*.jpg",
         mask_pattern: str = "{stem}_segmentation.png",
         image_size: int | tuple[int, int] = 256,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
         augment: bool = True,
         mask_threshold: int | None = None,
-        predict_dir: str | None = None,
-        cache_mb: float = 1024,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
+            in_channels, cache_mb,
+        )  # fmt: skip
         self.save_hyperparameters()
         mask_name_regex(mask_pattern)  # a bad pattern fails at construction, not in setup
         self.image_dir, self.mask_dir = image_dir, mask_dir
@@ -263,11 +272,8 @@ class MaskFolderDataModule(BaseDataModule):
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be one int or (height, width), got {image_size!r}")
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
         self.augment = augment
         self.mask_threshold = mask_threshold
-        self.predict_dir = predict_dir
         self.cache = SampleCache(cache_mb)
         self._split: dict[str, list[MaskPair]] | None = None
 

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
 from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 
 NanPolicy = Literal["mask", "interpolate"]
 
@@ -397,29 +397,31 @@ class OCTLayerDataModule(BaseDataModule):
 
     Args:
         root: the HDF5 file.
-        batch_size, num_workers, seed, eval_batch_size: see :class:`BaseDataModule`.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
+        val_fraction, test_fraction: held-out parts; below 1 a fraction, else a count, of subjects (or of
+            B-scans when the file has no subject dataset).
+        predict_dir: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
+            the test split.
+        in_channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.
+        cache_mb: memory per loader process for decoded, resized training and validation B-scans (see
+            :class:`~octlightning.data.base.SampleCache`; 0 reads and decompresses them at every epoch).
         layer_indices: which boundaries of ``layer_maps`` to predict, in anatomical order (top first);
             ``None`` takes the first and the last, ILM and Bruch's membrane in the Duke exports
             (Duke DME: ``[0, 7]``, Duke AMD: ``[0, 2]``).
         image_size: network input size, an int (square) or ``[height, width]``.
         output_width: number of predicted columns (the boundary rows are resampled to it).
-        channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.
+        boundary_names: one name per chosen boundary, top first (metric and CSV column names); ``None``:
+            ``ILM`` and ``BM`` for the default first-and-last choice, else ``boundary<index>``.
         image_key, layer_key, subject_key: dataset names in the file (``subject`` is optional).
         nan_policy: ``mask`` (unannotated columns carry ``valid = False``; losses and metrics ignore
             them) or ``interpolate`` (interior gaps filled linearly, columns outside the annotation
             stay masked).
-        val_size, test_size: held-out parts; below 1 a fraction, else a count, of subjects (or of
-            B-scans when the file has no subject dataset).
         pixel_spacing_um: axial micrometres per original pixel; ``None`` reads the file's
             ``pixel_spacing_um`` attribute (micrometre metrics are skipped when neither is known).
         intensity_max: value mapped to white; ``None``: the dtype maximum for integer images, 1.0 for
             floating-point images.
         augment: flips, vertical shift/scale, intensity and noise for training.
         elastic: probability of the column-wise elastic displacement (with ``augment``).
-        predict_root: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
-            the test split.
-        cache_mb: memory per loader process for decoded, resized training and validation B-scans (see
-            :class:`~octlightning.data.base.SampleCache`; 0 reads and decompresses them at every epoch).
 
     B-scans whose chosen boundaries have no annotated column are excluded with a warning naming
     them; they cannot be scored and nothing is invented for them.
@@ -429,47 +431,49 @@ class OCTLayerDataModule(BaseDataModule):
         self,
         root: str,
         batch_size: int = 8,
+        eval_batch_size: int | None = None,
         num_workers: int | None = None,
         seed: int = 42,
-        eval_batch_size: int | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        predict_dir: str | None = None,
+        in_channels: Literal[1, 3] = 3,
+        cache_mb: float = 1024,
         layer_indices: list[int] | None = None,
+        boundary_names: list[str] | None = None,
         image_size: int | list[int] = 512,
         output_width: int = 512,
-        channels: Literal[1, 3] = 3,
         image_key: str = "images",
         layer_key: str = "layer_maps",
         subject_key: str | None = "subject",
         nan_policy: NanPolicy = "mask",
-        val_size: float = 0.15,
-        test_size: float = 0.15,
         pixel_spacing_um: float | None = None,
         intensity_max: float | None = None,
         augment: bool = True,
         elastic: float = 0.0,
-        predict_root: str | None = None,
-        cache_mb: float = 1024,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
+            in_channels, cache_mb,
+        )  # fmt: skip
         self.save_hyperparameters()
         if nan_policy not in ("mask", "interpolate"):
             raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, not {in_channels}")
         size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be an int or [height, width], not {image_size}")
         self.image_size = (int(size[0]), int(size[1]))
         self.layer_indices = layer_indices
         self.output_width = output_width
-        self.channels = channels
+        self._boundary_names = boundary_names
         self.image_key, self.layer_key, self.subject_key = image_key, layer_key, subject_key
         self.nan_policy = nan_policy
-        self.val_size, self.test_size = val_size, test_size
         self.pixel_spacing_um = pixel_spacing_um
         self.intensity_max = intensity_max
         self.augment = augment
         self.elastic = elastic
-        self.predict_root = predict_root
         self.cache = SampleCache(cache_mb)
         self._index: LayerFileIndex | None = None
         self.splits: dict[str, np.ndarray] = {}
@@ -486,7 +490,7 @@ class OCTLayerDataModule(BaseDataModule):
             index.layer_indices,
             self.image_size,
             self.output_width,
-            self.channels,
+            self.in_channels,
             self.nan_policy,
             self.intensity_max,
             spacing,
@@ -494,6 +498,26 @@ class OCTLayerDataModule(BaseDataModule):
             transform,
             self.cache if cache else None,
         )
+
+    @property
+    def num_boundaries(self) -> int:
+        """Boundaries predicted per column (``len`` of the resolved ``layer_indices``; reads the file)."""
+        return len(self.file_index().layer_indices)
+
+    @property
+    def boundary_names(self) -> list[str]:
+        """One name per predicted boundary, top first (see ``boundary_names`` above)."""
+        indices = list(self.file_index().layer_indices)
+        if self._boundary_names is not None:
+            if len(self._boundary_names) != len(indices):
+                raise ConfigError(
+                    f"data boundary_names {self._boundary_names} has {len(self._boundary_names)} names for "
+                    f"the {len(indices)} boundaries of layer_indices {indices}"
+                )
+            return list(self._boundary_names)
+        if self.layer_indices is None:
+            return ["ILM", "BM"]
+        return [f"boundary{k}" for k in indices]
 
     def file_index(self) -> LayerFileIndex:
         """Validate ``root`` once and remember its layout."""
@@ -528,12 +552,12 @@ class OCTLayerDataModule(BaseDataModule):
             groups = usable
         else:
             groups = index.subjects[usable]
-        parts = split_indices(groups, [self.val_size, self.test_size], self.seed)
+        parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed)
         self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
         return self.splits
 
     def setup(self, stage: str) -> None:
-        if stage in ("fit", "validate", "test") or (stage == "predict" and self.predict_root is None):
+        if stage in ("fit", "validate", "test") or (stage == "predict" and self.predict_dir is None):
             index = self.file_index()
             split = self.split()
         if stage == "fit":
@@ -543,21 +567,21 @@ class OCTLayerDataModule(BaseDataModule):
             self.train_set = self._dataset(index, split["train"], self.layer_key, transform, cache=True)
         if stage in ("fit", "validate"):
             if len(split["val"]) == 0:
-                raise DataError(f"{index.path}: the validation split is empty (val_size={self.val_size})")
+                raise DataError(f"{index.path}: the validation split is empty (val_fraction={self.val_fraction})")
             self.val_set = self._dataset(index, split["val"], self.layer_key, cache=True)
         if stage == "test":
             if len(split["test"]) == 0:
-                raise DataError(f"{index.path}: the test split is empty (test_size={self.test_size})")
+                raise DataError(f"{index.path}: the test split is empty (test_fraction={self.test_fraction})")
             self.test_set = self._dataset(index, split["test"], self.layer_key)
         if stage == "predict":
-            if self.predict_root is None:
+            if self.predict_dir is None:
                 if len(split["test"]) == 0:
-                    raise DataError(f"{index.path}: no test split to predict (test_size=0); set predict_root")
+                    raise DataError(f"{index.path}: no test split to predict (test_fraction=0); set predict_dir")
                 self.predict_set = self._dataset(index, split["test"], self.layer_key)
             else:
                 # A file to predict need not be annotated; when it is, the boundaries are drawn too.
                 pindex = inspect_layer_file(
-                    Path(self.predict_root),
+                    Path(self.predict_dir),
                     self.image_key,
                     self.layer_key,
                     self.layer_indices,

@@ -313,7 +313,8 @@ class OCTSemSegDataModule(BaseDataModule):
     Args:
         root: the dataset folder (holding ``INFO.json`` and ``train/``, ``val/``, ``test/``, or, for an
             evaluation-only set, ``bscan/`` and ``semseg/``).
-        batch_size, num_workers, seed, eval_batch_size: see :class:`BaseDataModule`.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
+        val_fraction, test_fraction: must stay 0: the layout brings its own ``val/`` and ``test/``.
         info: the ``INFO.json`` to use (default ``<root>/INFO.json``).
         ignore_labels: INFO.json labels (substrings, case-insensitive) that mark unannotated pixels
             (default ``["invalid"]``).
@@ -334,33 +335,38 @@ class OCTSemSegDataModule(BaseDataModule):
         self,
         root: str,
         batch_size: int = 4,
+        eval_batch_size: int | None = None,
         num_workers: int | None = None,
         seed: int = 42,
-        eval_batch_size: int | None = None,
+        val_fraction: float = 0.0,
+        test_fraction: float = 0.0,
+        predict_dir: str | None = None,
+        in_channels: Literal[1, 3] = 1,
+        cache_mb: float = 1024,
         info: str | None = None,
         ignore_labels: list[str] | None = None,
-        in_channels: int = 1,
         normalize: Literal["unit", "imagenet"] = "unit",
         augment: bool = True,
         pad_to: int = 32,
         volume_pattern: str | None = DEFAULT_VOLUME_PATTERN,
-        predict_dir: str | None = None,
-        cache_mb: float = 1024,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
+            in_channels, cache_mb,
+        )  # fmt: skip
         self.save_hyperparameters()
+        if val_fraction or test_fraction:
+            raise ValueError("val_fraction and test_fraction must be 0: the MIRAGE layout has val/ and test/ folders")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         if normalize == "imagenet" and in_channels != 3:
             raise ValueError("normalize='imagenet' needs in_channels=3 (ImageNet statistics are per RGB channel)")
         self.info_path = Path(info) if info is not None else Path(root) / "INFO.json"
         self.ignore_labels = tuple(ignore_labels) if ignore_labels is not None else DEFAULT_IGNORE_LABELS
-        self.in_channels = in_channels
         self.normalize = normalize
         self.augment = augment
         self.pad_to = pad_to
         self.volume_pattern = volume_pattern
-        self.predict_dir = predict_dir
         self.cache = SampleCache(cache_mb)
         self._info: SemSegInfo | None = None
 

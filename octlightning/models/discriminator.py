@@ -17,7 +17,7 @@ class PairDiscriminator(nn.Module):
     image size works.
 
     Args:
-        image_channels: channels of the image (1 for OCT).
+        in_channels: channels of the image (1 for OCT).
         num_classes: channels of the mask (the segmenter's output channels).
         base_channels: width of the first convolution; doubles per level, at most 8 x.
         depth: number of stride-2 convolutions.
@@ -31,7 +31,7 @@ class PairDiscriminator(nn.Module):
 
     def __init__(
         self,
-        image_channels: int = 1,
+        in_channels: int = 1,
         num_classes: int = 4,
         base_channels: int = 32,
         depth: int = 4,
@@ -45,7 +45,7 @@ class PairDiscriminator(nn.Module):
             raise ValueError(f"norm must be 'instance' or 'none', got {norm!r}")
         self.pair = pair
         self.num_classes = num_classes
-        cin = image_channels + num_classes if pair == "concat" else image_channels * num_classes
+        cin = in_channels + num_classes if pair == "concat" else in_channels * num_classes
         layers: list[nn.Module] = []
         for i in range(depth):
             cout = base_channels * 2 ** min(i, 3)

@@ -258,7 +258,8 @@ class FoundationSegNet(nn.Module):
             Lightning checkpoint restores the network, useless for training).
         weights_key: sub-dictionary of the checkpoint holding the state dict (default: auto-unwrap).
         key_map: checkpoint key prefix -> timm key prefix (default: the preset's, MIRAGE names).
-        img_size, patch_size, in_chans, embed_dim, depth, num_heads: encoder shape overrides.
+        in_channels: input channels (``None``: the preset's: 1 for MIRAGE, 3 for RETFound).
+        img_size, patch_size, embed_dim, depth, num_heads: encoder shape overrides.
         decoder: ``convnext`` (upsampling ConvNeXt decoder) or ``linear`` (per-patch linear probe).
         decoder_channels, decoder_upscale, decoder_depth: ConvNeXt decoder width, in-decoder upsampling
             factor per patch and number of blocks.
@@ -279,7 +280,7 @@ class FoundationSegNet(nn.Module):
         key_map: dict[str, str] | None = None,
         img_size: int | None = None,
         patch_size: int | None = None,
-        in_chans: int | None = None,
+        in_channels: int | None = None,
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
@@ -307,7 +308,7 @@ class FoundationSegNet(nn.Module):
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         cfg = dict(PRESETS[preset])
         overrides = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+            img_size=img_size, patch_size=patch_size, in_chans=in_channels,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         )  # fmt: skip
         cfg.update({k: v for k, v in overrides.items() if v is not None})

@@ -62,7 +62,7 @@ class SMPNet(nn.Module):
             a path to a local state-dict file for the encoder (``.pth``/``.pt``/``.safetensors``;
             torchvision, smp or octlightning checkpoints), or a hub name such as ``"imagenet"``,
             which smp downloads and so needs the network (and ``HF_HUB_OFFLINE=0``).
-        in_channels, classes: input channels and output channels (1 = binary). Local RGB weights are
+        in_channels, num_classes: input channels and output channels (1 = binary). Local RGB weights are
             adapted to other ``in_channels`` the way smp adapts its own.
         arch_kwargs: further arguments of the architecture, e.g. for DeepLabV3Plus
             ``{"decoder_atrous_rates": [6, 12, 18], "encoder_output_stride": 16}``. (A config cannot
@@ -76,7 +76,7 @@ class SMPNet(nn.Module):
         encoder_name: str = "resnet34",
         encoder_weights: str | None = None,
         in_channels: int = 3,
-        classes: int = 1,
+        num_classes: int = 1,
         arch_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -91,7 +91,7 @@ class SMPNet(nn.Module):
                 encoder_weights=hub,
                 # Local weights are RGB: load them into a 3-channel encoder first, then adapt.
                 in_channels=3 if local else in_channels,
-                classes=classes,
+                classes=num_classes,
                 **options,
             )
         except OSError as err:  # the hub is unreachable (offline by default, see octlightning.env)

@@ -34,7 +34,7 @@ class UNet(nn.Module):
 
     Args:
         in_channels: image channels (3 for RGB fundus, 1 for OCT).
-        out_channels: 1 for binary (sigmoid) output, else the number of classes (softmax).
+        num_classes: 1 for binary (sigmoid) output, else the number of classes (softmax).
         base_channels: width of the first level; level ``i`` has ``base_channels * 2**i``.
         depth: number of down-sampling steps; inputs must be divisible by ``2**depth``
             (DataModules pad to :attr:`stride`).
@@ -48,7 +48,7 @@ class UNet(nn.Module):
     def __init__(
         self,
         in_channels: int = 3,
-        out_channels: int = 1,
+        num_classes: int = 1,
         base_channels: int = 64,
         depth: int = 4,
         batch_norm: bool = True,
@@ -87,7 +87,7 @@ class UNet(nn.Module):
                     )
                 )
             self.decoder.append(ConvBlock(2 * w, w, batch_norm))
-        self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+        self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
     @property
     def stride(self) -> int:
