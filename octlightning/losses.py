@@ -166,8 +166,19 @@ SEGMENTATION_LOSSES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def build_segmentation_loss(name: str) -> nn.Module:
-    """Loss by name; the names are the keys of :data:`SEGMENTATION_LOSSES`."""
+def build_segmentation_loss(loss: str | nn.Module) -> nn.Module:
+    """A segmentation loss: a name (a key of :data:`SEGMENTATION_LOSSES`) or a module, returned as is.
+
+    In a config the module is given by ``class_path`` (e.g. ``octlightning.losses.DiceLoss`` with
+    ``init_args: {smooth: 0.1}``, or a :class:`SumLoss` of several), so a recipe can set Dice smoothing
+    or class weights without code. A module must take ``(logits, target, valid)`` like those here.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if isinstance(loss, nn.Module):
+        return loss
+    name = loss
     try:
         return SEGMENTATION_LOSSES[name]()
     except KeyError:

@@ -53,7 +53,9 @@ class AdversarialTask(SegmentationTask):
             # SegmentationTask's save_hyperparameters sees `discriminator` too; it is dropped right below.
             warnings.filterwarnings("ignore", message="Attribute 'discriminator' is an instance of `nn.Module`")
             super().__init__(net, **kwargs)
-        self.save_hyperparameters(ignore=["net", "discriminator"])
+        self.save_hyperparameters(
+            ignore=["net", "discriminator"] + (["loss"] if isinstance(kwargs.get("loss"), nn.Module) else [])
+        )
         self.discriminator = discriminator
         self.adversarial_weight = adversarial_weight
         self.discriminator_lr = discriminator_lr

@@ -36,7 +36,8 @@ class SegmentationTask(BaseTask):
         net: the network; outputs ``(B, num_classes, H, W)`` logits (``(B, 1, H, W)`` for binary).
         num_classes: 1 for binary (sigmoid) segmentation, else the number of classes incl. background.
         loss: loss name from :data:`octlightning.losses.SEGMENTATION_LOSSES` (``bce``, ``dice_bce``,
-            ``dice_ce``, ``ce_gdice``, ...).
+            ``dice_ce``, ``ce_gdice``, ...), or any loss module (``class_path`` in a config) taking
+            ``(logits, target, valid)`` (see :func:`octlightning.losses.build_segmentation_loss`).
         class_names: names for per-class metrics (multi-class; default ``class1``, ...).
         threshold: probability threshold for binary masks.
         auroc: also track AUROC (binary; binned, 200 thresholds).
@@ -57,7 +58,7 @@ class SegmentationTask(BaseTask):
         self,
         net: nn.Module,
         num_classes: int = 1,
-        loss: str = "dice_bce",
+        loss: str | nn.Module = "dice_bce",
         class_names: list[str] | None = None,
         threshold: float = 0.5,
         auroc: bool = True,
@@ -76,7 +77,8 @@ class SegmentationTask(BaseTask):
         hd95: bool = False,
     ) -> None:
         super().__init__(lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile)
-        self.save_hyperparameters(ignore=["net"])
+        # A loss module is part of the model's state (checkpoint), like the network; a name is a hyperparameter.
+        self.save_hyperparameters(ignore=["net", "loss"] if isinstance(loss, nn.Module) else ["net"])
         self.net = net
         self.num_classes = num_classes
         self.binary = num_classes == 1

@@ -1,0 +1,120 @@
+"""The `octlightning` entry point: the eight commands, null at any depth, data -> model links."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from octlightning.cli import run_cli
+from octlightning.commands import COMMANDS, null_means_none
+from tests.conftest import CPU_TRAINER, REPO, TINY_VESSEL
+
+FOUNDATION = str(REPO / "hparams" / "duke_dme_foundation.json")
+VESSEL = str(REPO / "hparams" / "vessel_unet.json")
+
+
+def _octlightning(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "octlightning", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_the_eight_commands_and_each_has_its_own_help():
+    out = _octlightning("--help")
+    assert out.returncode == 0, out.stderr
+    listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert listed == ["fit", "validate", "test", "predict", "check-data", "sweep", "evaluate", "convert"]
+    assert list(COMMANDS) == listed
+    for command in listed:
+        sub = _octlightning(command, "--help")
+        assert sub.returncode == 0, f"{command} --help: {sub.stderr[-2000:]}"
+        assert "usage" in sub.stdout.lower(), command
+    unknown = _octlightning("train")
+    assert unknown.returncode == 2 and "unknown command 'train'" in unknown.stderr
+
+
+def test_null_is_none_at_any_depth_of_the_command_line(capsys):
+    key = "--model.init_args.net.init_args.weights"
+    assert null_means_none([key, "null", "--trainer.max_epochs", "3"]) == [
+        "--model.init_args.net", '{"init_args": {"weights": null}}', "--trainer.max_epochs", "3"
+    ]  # fmt: skip
+    assert null_means_none([f"{key}=null"]) == ["--model.init_args.net", '{"init_args": {"weights": null}}']
+    # one level deep jsonargparse reads null itself; other values pass unchanged
+    assert null_means_none(["--model.init_args.sliding_window", "null", key, "w.pth"]) == [
+        "--model.init_args.sliding_window", "null", key, "w.pth"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        run_cli(null_means_none(["fit", "--config", FOUNDATION, key, "null", "--print_config"]))
+    printed = capsys.readouterr().out
+    assert "weights: null" in printed and "weights: None" not in printed
+
+
+def _mirage_layout(root: Path, names: list[str], values: list[int], size=(32, 48)) -> Path:
+    """A MIRAGE-layout set: INFO.json, train/val/test with two B-scans of one volume each."""
+    rng = np.random.default_rng(0)
+    info = {str(k): {"value": v, "label": n} for k, (n, v) in enumerate(zip(names, values, strict=True))}
+    root.mkdir(parents=True)
+    (root / "INFO.json").write_text(json.dumps(info))
+    h, w = size
+    for split in ("train", "val", "test"):
+        for sub in ("bscan", "semseg"):
+            (root / split / sub).mkdir(parents=True)
+        for i in range(2):
+            name = f"{split}vol_{i:03d}.png"
+            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / split / "bscan" / name)
+            rows = np.repeat(np.linspace(0, len(values) - 1e-6, h).astype(int)[:, None], w, axis=1)
+            Image.fromarray(np.asarray(values, dtype=np.uint8)[rows]).save(root / split / "semseg" / name)
+    return root
+
+
+FOUNDATION_TINY = [
+    "--model.init_args.net.init_args.preset", "tiny",
+    "--model.init_args.net.init_args.weights", "null",
+    "--model.init_args.net.init_args.mode", "finetune",
+    "--model.init_args.net.init_args.decoder_channels", "8",
+    "--model.init_args.net.init_args.decoder_depth", "1",
+    "--data.init_args.num_workers", "0",
+    "--data.init_args.batch_size", "2",
+    "--trainer.fast_dev_run", "true",
+    *CPU_TRAINER,
+]  # fmt: skip
+
+
+def test_class_count_and_names_come_from_the_data(tmp_path):
+    """A 4-class MIRAGE dataset on the foundation recipe gives a 4-class model named after INFO.json."""
+    root = _mirage_layout(tmp_path / "four", ["Background", "Retina", "Choroid", "Fluid"], [0, 80, 160, 255])
+    args = ["--config", FOUNDATION, "--data.init_args.root", str(root), *FOUNDATION_TINY]
+    cli = run_cli(null_means_none(["fit", *args, "--trainer.default_root_dir", str(tmp_path / "runs")]))
+    assert cli.model.num_classes == 4 and cli.model.net.num_classes == 4
+    assert cli.model.class_names == ["Retina", "Choroid", "Fluid"]
+    logged = set(cli.trainer.logged_metrics)
+    assert "val/dice_Fluid" in logged and not any(k.endswith("_OPL") for k in logged)
+
+
+def test_a_config_that_contradicts_the_data_fails_before_training_naming_both_values(tmp_path, drive_root):
+    runs = tmp_path / "runs"
+    out = _octlightning(
+        "fit", "--config", VESSEL, "--data.init_args.root", str(drive_root), *TINY_VESSEL,
+        "--model.init_args.net.init_args.num_classes", "3", "--trainer.default_root_dir", str(runs),
+    )  # fmt: skip
+    assert out.returncode == 1
+    message = out.stderr.strip().splitlines()[-1]
+    assert message.startswith("octlightning: config error: model.init_args.net.init_args.num_classes is 3")
+    assert "num_classes = 1" in message
+    assert not runs.exists()  # nothing was built: no run folder
+
+
+def test_a_loss_module_with_its_own_settings_comes_from_the_config(tmp_path, drive_root):
+    loss = {"class_path": "octlightning.losses.DiceLoss", "init_args": {"smooth": 0.25}}
+    cli = run_cli(
+        ["fit", "--config", VESSEL, "--data.init_args.root", str(drive_root), *TINY_VESSEL,
+         "--model.init_args.loss", json.dumps(loss), "--trainer.fast_dev_run", "true",
+         "--trainer.default_root_dir", str(tmp_path / "runs")]
+    )  # fmt: skip
+    assert type(cli.model.loss_fn).__name__ == "DiceLoss" and cli.model.loss_fn.smooth == 0.25
