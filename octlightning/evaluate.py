@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from octlightning.data.formats.mirage import DEFAULT_VOLUME_PATTERN, SemSegInfo, read_info, read_value_mask, volume_ids
 from octlightning.data.io import list_images
-from octlightning.data.oct_semseg import DEFAULT_VOLUME_PATTERN, SemSegInfo, read_info, read_value_mask, volume_ids
 from octlightning.errors import DataError
 from octlightning.metrics import confusion_counts, hd95_per_class, mean_row, score_row
 
