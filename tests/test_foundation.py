@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,7 @@ from octlightning.data.formats.layer_h5 import write_layer_file
 from octlightning.data.formats.mirage import read_info, read_value_mask, write_info
 from octlightning.data.oct_semseg import OCTSemSegDataModule
 from octlightning.errors import DataError
+from octlightning.evaluate import evaluate
 from octlightning.evaluate import main as evaluate_main
 from octlightning.metrics import hausdorff_percentile, hd95_per_class
 from octlightning.models.foundation import FoundationSegNet
@@ -441,6 +443,30 @@ def test_evaluate_command_scores_a_prediction_folder(semseg_root, tmp_path, caps
     (preds / f"{refs[1].stem}_mask.png").unlink()
     with pytest.raises(SystemExit, match=refs[1].stem):
         evaluate_main([str(preds), str(semseg_root / "test"), "--out", str(out)])
+
+
+def test_test_step_and_evaluate_write_identical_volume_rows(semseg_root, tmp_path):
+    """One per-volume scorer: ``test_volumes.csv`` equals ``evaluate``'s volume rows on the same labels."""
+    torch.manual_seed(0)
+    dm = _dm(semseg_root, augment=False)
+    task = SegmentationTask(
+        torch.nn.Conv2d(1, dm.num_classes, 3, padding=1),  # untrained: a mix of right and wrong classes
+        num_classes=dm.num_classes, loss="dice_ce", class_names=dm.class_names, hd95=True, channels_last=False,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.test(task, datamodule=dm, verbose=False)
+    trainer.predict(task, datamodule=dm)  # the same labels as class-index PNGs
+    with open(tmp_path / "test_volumes.csv") as fh:
+        tested = list(csv.DictReader(fh))
+    _, evaluated = evaluate(tmp_path / "predictions", semseg_root / "test")
+    assert len(tested) == len(evaluated) == 2 and evaluated[-1]["volume"] == "mean"  # one test subject
+    assert 0 < evaluated[0]["dice"] < 1  # not a trivial prediction
+    for row_test, row_eval in zip(tested, evaluated, strict=True):
+        assert list(row_test) == list(row_eval)
+        assert row_test == {k: str(v) for k, v in row_eval.items()}  # the CSV holds repr-exact floats
 
 
 def test_convert_command_runs_each_converter(semseg_root, tmp_path, capsys):
