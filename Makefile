@@ -34,7 +34,7 @@ demo: install
 		echo "demo: training the vessel U-Net on the DRIVE training set in $(DRIVE)"; data="$(DRIVE)"; \
 	else \
 		echo "demo: $(DRIVE) not found, generating a small SYNTHETIC DRIVE-layout set in demo_data/drive"; \
-		$(BIN)/python -m octlightning.data.synthetic drive demo_data/drive; data=demo_data/drive; \
+		$(BIN)/python -m octlightning.convert synthetic drive demo_data/drive; data=demo_data/drive; \
 	fi; \
 	$(BIN)/octlightning fit --config hparams/vessel_unet.json --data.init_args.root "$$data" $(DEMO_ARGS) $(ARGS)
 

@@ -297,7 +297,7 @@ def loader_only(cli: OctLightningCLI, batches: int, max_warmup_batches: int = 50
 
 def duke_semseg(out_dir: Path) -> Path:
     """The shared Duke DME file in the MIRAGE layout (converted once into the benchmark folder)."""
-    from octlightning.data.oct_semseg import convert_h5
+    from octlightning.conversion.h5_to_mirage import convert_h5
 
     target = out_dir / "duke_dme_semseg"
     source = SHARED_DATA / "duke_dme" / "duke_dme_trainval.h5"

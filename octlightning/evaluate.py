@@ -10,7 +10,8 @@ writes) or ``<name>_pred.png`` (the MIRAGE scripts). By default they hold class 
 
 The CSV has one row per image and a final ``mean`` row. When names carry a volume id
 (``<volume>_<slice>``), ``<out>_volumes.csv`` scores each volume from its summed pixel counts, with
-the mean HD95 of its slices. Unannotated reference pixels (INFO.json ``Invalid`` entries) are skipped.
+the mean HD95 of its slices (:func:`octlightning.metrics.score_volumes`, shared with the test step).
+Unannotated reference pixels (INFO.json ``Invalid`` entries) are skipped.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from octlightning.data.formats.mirage import DEFAULT_VOLUME_PATTERN, SemSegInfo, read_info, read_value_mask, volume_ids
 from octlightning.data.io import list_images
-from octlightning.data.oct_semseg import DEFAULT_VOLUME_PATTERN, SemSegInfo, read_info, read_value_mask, volume_ids
 from octlightning.errors import DataError
-from octlightning.metrics import confusion_counts, hd95_per_class, mean_row, score_row
+from octlightning.metrics import SliceCounts, confusion_counts, hd95_per_class, mean_row, score_row, score_volumes
 
 PRED_SUFFIXES = ("", "_mask", "_pred")
 
@@ -95,7 +96,7 @@ def evaluate(
     k = info.num_classes
     class_names = info.foreground_names
     rows: list[dict[str, Any]] = []
-    per_volume: dict[str, list[tuple[torch.Tensor, np.ndarray]]] = {}
+    slices: list[SliceCounts] = []
     for ref_path, name, volume in zip(refs, names, volumes, strict=True):
         target, valid = info.to_labels(read_value_mask(ref_path), ref_path)
         pred_path = preds[name]
@@ -109,15 +110,10 @@ def evaluate(
         row: dict[str, Any] = {"id": name}
         if volume is not None:
             row["volume"] = volume
-            per_volume.setdefault(volume, []).append((counts, hd95))
+            slices.append(SliceCounts(volume, counts, hd95))
         row.update(score_row(counts, class_names, hd95))
         rows.append(row)
-    volume_rows = []
-    for vid in sorted(per_volume):
-        parts = per_volume[vid]
-        counts = sum(c for c, _ in parts)
-        hd95 = np.mean([h for _, h in parts], axis=0)
-        volume_rows.append({"volume": vid, "slices": len(parts), **score_row(counts, class_names, hd95)})
+    volume_rows = score_volumes(slices, class_names)
     if volume_rows:
         volume_rows.append(mean_row(volume_rows, "volume"))
     rows.append(mean_row(rows, "id"))

@@ -7,6 +7,7 @@ a time for the per-image CSVs and implement challenge-specific definitions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -158,6 +159,64 @@ def mean_row(rows: Sequence[dict[str, Any]], key: str, label: str = "mean") -> d
         if values:
             out[c] = float(np.nanmean(values)) if not all(np.isnan(values)) else float("nan")
     return out
+
+
+@dataclass(frozen=True)
+class SliceCounts:
+    """One B-scan's share of its volume's scores (see :func:`score_volumes`).
+
+    Attributes:
+        volume: the volume id.
+        counts: ``(K, 4)`` float64 ``(tp, fp, fn, tn)`` per class, from :func:`confusion_counts`.
+        hd95: ``(K-1,)`` HD95 per foreground class (:func:`hd95_per_class`), or ``None``.
+        voxel_mm3: volume of one pixel of the B-scan in mm^3 (pixel area x slice distance), or ``None``.
+    """
+
+    volume: str
+    counts: Tensor
+    hd95: np.ndarray | None = None
+    voxel_mm3: float | None = None
+
+
+def score_volumes(slices: Sequence[SliceCounts], class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per-volume result rows, sorted by volume id, from the B-scans of each volume.
+
+    A volume's Dice, IoU, sensitivity, specificity and accuracy come from the summed confusion counts
+    of its B-scans (pixel-wise over the whole volume, as RETOUCH and MIRAGE score volumes); its HD95 is
+    the mean over its B-scans (MIRAGE's per-scan score), when the slices carry one. When every B-scan
+    of a volume has ``voxel_mm3``, each class also gets the reference and predicted volume and their
+    absolute difference in mm^3 (``ref_mm3_<class>``, ``pred_mm3_<class>``, ``avd_mm3_<class>``: the
+    RETOUCH challenge's absolute volume difference). Columns: ``volume``, ``slices``, then the columns
+    of :func:`score_row` (per class with ``class_names``, one per foreground class; without them, for
+    binary problems, the means only and volumes under the name ``foreground``). Used by the test step
+    (``test_volumes.csv``) and ``octlightning evaluate`` alike; the caller adds a ``mean`` row.
+
+    Raises ValueError when some B-scans carry HD95 and others do not.
+    """
+    with_hd95 = [s.hd95 is not None for s in slices]
+    if any(with_hd95) and not all(with_hd95):
+        raise ValueError(f"HD95 given for {sum(with_hd95)} of {len(slices)} B-scans; give it for all or none")
+    by_volume: dict[str, list[SliceCounts]] = {}
+    for s in slices:
+        by_volume.setdefault(str(s.volume), []).append(s)
+    names = list(class_names) if class_names is not None else ["foreground"]
+    rows = []
+    for vid in sorted(by_volume):
+        part = by_volume[vid]
+        counts = sum(s.counts for s in part)
+        row: dict[str, Any] = {"volume": vid, "slices": len(part)}
+        row.update(score_row(counts, class_names))
+        if all(s.voxel_mm3 is not None for s in part):
+            for k, cname in enumerate(names, start=1):
+                ref = sum(float(s.counts[k, 0] + s.counts[k, 2]) * s.voxel_mm3 for s in part)  # type: ignore[operator]
+                pred = sum(float(s.counts[k, 0] + s.counts[k, 1]) * s.voxel_mm3 for s in part)  # type: ignore[operator]
+                row[f"ref_mm3_{cname}"] = ref
+                row[f"pred_mm3_{cname}"] = pred
+                row[f"avd_mm3_{cname}"] = abs(pred - ref)
+        if any(with_hd95):
+            row.update(score_row(None, class_names, np.mean([s.hd95 for s in part], axis=0)))
+        rows.append(row)
+    return rows
 
 
 def boundary_abs_errors(

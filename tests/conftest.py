@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import octlightning  # noqa: F401  (offline defaults before anything else imports hub libraries)
-from octlightning.data.synthetic import write_drive_layout
+from octlightning.conversion.synthetic import write_drive_layout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -22,12 +22,13 @@ from PIL import Image
 from octlightning.check_data import check_datamodule
 from octlightning.check_data import main as check_data_main
 from octlightning.cli import run_cli
+from octlightning.conversion.h5_to_mirage import convert_h5
+from octlightning.conversion.synthetic import write_drive_layout
 from octlightning.data.fundus import FundusVesselDataModule
 from octlightning.data.mask_folder import ISIC_TRAIN, MaskFolderDataModule
 from octlightning.data.oct_layers import OCTLayerDataModule
-from octlightning.data.oct_semseg import OCTSemSegDataModule, convert_h5
+from octlightning.data.oct_semseg import OCTSemSegDataModule
 from octlightning.data.retouch import RetouchDataModule
-from octlightning.data.synthetic import write_drive_layout
 from octlightning.errors import DataError
 from tests.conftest import REPO, TINY_VESSEL
 from tests.test_foundation import write_oct_h5

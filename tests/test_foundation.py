@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -17,17 +18,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from octlightning.checkpoints import UnsafeCheckpointError
 from octlightning.cli import run_cli
-from octlightning.data.oct_semseg import (
-    DUKE_BOUNDARIES,
-    IGNORE_VALUE,
-    OCTSemSegDataModule,
-    convert_h5,
-    layer_class_map,
-    read_info,
-    read_value_mask,
-    write_info,
-)
+from octlightning.conversion import main as convert_main
+from octlightning.conversion.h5_to_mirage import DUKE_BOUNDARIES, IGNORE_VALUE, convert_h5, layer_class_map
+from octlightning.data.formats.layer_h5 import write_layer_file
+from octlightning.data.formats.mirage import read_info, read_value_mask, write_info
+from octlightning.data.oct_semseg import OCTSemSegDataModule
 from octlightning.errors import DataError
+from octlightning.evaluate import evaluate
 from octlightning.evaluate import main as evaluate_main
 from octlightning.metrics import hausdorff_percentile, hd95_per_class
 from octlightning.models.foundation import FoundationSegNet
@@ -55,14 +52,15 @@ def write_oct_h5(path: Path, subjects=(1, 2, 3, 4, 5), per_subject: int = 2, see
         fluid[i, 14:18, 18:23] = 1
         labels = (layers[i][None] <= np.arange(H).reshape(H, 1, 1)).sum(-1)
         images[i] = np.clip(40 + 20 * labels + rng.normal(0, 5, (H, W)), 0, 255).astype(np.uint8)
-    with h5py.File(path, "w") as f:
-        f["images"] = images
-        f["layer_maps"] = layers
-        f["fluid_masks"] = fluid
-        f["subject"] = np.repeat(np.asarray(subjects, dtype=np.int16), per_subject)
-        f["bscan_index"] = np.tile(np.arange(per_subject, dtype=np.int16) * 5 + 10, len(subjects))
-        f.attrs["boundary_names"] = json.dumps(list(DUKE_BOUNDARIES))
-    return path
+    return write_layer_file(
+        path,
+        images,
+        layers,
+        fluid_masks=fluid,
+        subject=np.repeat(np.asarray(subjects, dtype=np.int16), per_subject),
+        bscan_index=np.tile(np.arange(per_subject, dtype=np.int16) * 5 + 10, len(subjects)),
+        boundary_names=DUKE_BOUNDARIES,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -445,3 +443,41 @@ def test_evaluate_command_scores_a_prediction_folder(semseg_root, tmp_path, caps
     (preds / f"{refs[1].stem}_mask.png").unlink()
     with pytest.raises(SystemExit, match=refs[1].stem):
         evaluate_main([str(preds), str(semseg_root / "test"), "--out", str(out)])
+
+
+def test_test_step_and_evaluate_write_identical_volume_rows(semseg_root, tmp_path):
+    """One per-volume scorer: ``test_volumes.csv`` equals ``evaluate``'s volume rows on the same labels."""
+    torch.manual_seed(0)
+    dm = _dm(semseg_root, augment=False)
+    task = SegmentationTask(
+        torch.nn.Conv2d(1, dm.num_classes, 3, padding=1),  # untrained: a mix of right and wrong classes
+        num_classes=dm.num_classes, loss="dice_ce", class_names=dm.class_names, hd95=True, channels_last=False,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.test(task, datamodule=dm, verbose=False)
+    trainer.predict(task, datamodule=dm)  # the same labels as class-index PNGs
+    with open(tmp_path / "test_volumes.csv") as fh:
+        tested = list(csv.DictReader(fh))
+    _, evaluated = evaluate(tmp_path / "predictions", semseg_root / "test")
+    assert len(tested) == len(evaluated) == 2 and evaluated[-1]["volume"] == "mean"  # one test subject
+    assert 0 < evaluated[0]["dice"] < 1  # not a trivial prediction
+    for row_test, row_eval in zip(tested, evaluated, strict=True):
+        assert list(row_test) == list(row_eval)
+        assert row_test == {k: str(v) for k, v in row_eval.items()}  # the CSV holds repr-exact floats
+
+
+def test_convert_command_runs_each_converter(semseg_root, tmp_path, capsys):
+    h5 = semseg_root.parent / "oct.h5"
+    assert convert_main(["h5-to-mirage", str(h5), str(tmp_path / "mirage"), "--seed", "0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    for split in ("train", "val", "test"):  # the same files as the fixture's convert_h5 call
+        names = sorted(p.name for p in (tmp_path / "mirage" / split / "semseg").glob("*.png"))
+        assert names == sorted(p.name for p in (semseg_root / split / "semseg").glob("*.png"))
+    assert convert_main(["h5-to-mirage", str(h5), str(tmp_path / "mirage")]) == 1  # not empty
+    assert "--overwrite" in capsys.readouterr().err
+    args = ["synthetic", "drive", str(tmp_path / "drive"), "--n-train", "1", "--n-test", "1", "--size", "40", "48"]
+    assert convert_main(args) == 0
+    assert Image.open(tmp_path / "drive" / "training" / "images" / "21_training.tif").size == (48, 40)

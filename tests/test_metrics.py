@@ -1,9 +1,17 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 from torchmetrics.classification import MulticlassStatScores
 
-from octlightning.metrics import confusion_counts, dice_iou_from_stat_scores, scores_from_counts
+from octlightning.metrics import (
+    SliceCounts,
+    confusion_counts,
+    dice_iou_from_stat_scores,
+    score_volumes,
+    scores_from_counts,
+)
 
 
 def test_multiclass_epoch_dice_skips_classes_absent_from_reference_and_prediction():
@@ -27,3 +35,27 @@ def test_per_image_scores_from_counts_inside_the_valid_region():
     assert math.isclose(float(scores["sensitivity"][1]), 2 / 3)
     # a class absent from both scores 1 per image (nothing to find, nothing found)
     assert float(scores_from_counts(confusion_counts(pred * 0, target * 0, valid, 2))["dice"][1]) == 1.0
+
+
+def test_volume_scores_sum_counts_average_hd95_and_give_retouch_volumes():
+    # volume "b": two B-scans of 2x2 pixels; "a": one. Class 1 only (binary).
+    t = torch.tensor([[1, 1], [0, 0]])
+    slices = [
+        SliceCounts("b", confusion_counts(torch.tensor([[1, 0], [0, 0]]), t, t >= 0, 2), np.array([1.0]), 0.5),
+        SliceCounts("b", confusion_counts(torch.tensor([[1, 1], [1, 0]]), t, t >= 0, 2), np.array([3.0]), 0.5),
+        SliceCounts("a", confusion_counts(t, t, t >= 0, 2), np.array([0.0]), None),
+    ]
+    a, b = score_volumes(slices)
+    assert (a["volume"], a["slices"], a["dice"], a["hd95"]) == ("a", 1, 1.0, 0.0)
+    assert "avd_mm3_foreground" not in a  # one B-scan without a voxel size: no volume for "a"
+    # "b": tp 1 + 2, fp 0 + 1, fn 1 + 0 summed before the ratio, not the mean of per-slice Dice
+    assert (b["volume"], b["slices"]) == ("b", 2)
+    assert math.isclose(b["dice"], 2 * 3 / (2 * 3 + 1 + 1)) and math.isclose(b["iou"], 3 / 5)
+    assert b["hd95"] == 2.0
+    assert (b["ref_mm3_foreground"], b["pred_mm3_foreground"], b["avd_mm3_foreground"]) == (2.0, 2.0, 0.0)
+    named = score_volumes(slices[2:], ["lesion"])[0]
+    assert list(named) == ["volume", "slices", "dice", "dice_lesion", "iou", "iou_lesion", "sensitivity",
+                           "sensitivity_lesion", "specificity", "specificity_lesion", "accuracy",
+                           "accuracy_lesion", "hd95", "hd95_lesion"]  # fmt: skip
+    with pytest.raises(ValueError, match="HD95 given for 1 of 2"):
+        score_volumes([slices[0], SliceCounts("b", slices[1].counts)])

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import cv2
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -15,13 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from octlightning.cli import run_cli
-from octlightning.data.oct_layers import (
-    LayerAugmentation,
-    OCTLayerDataModule,
-    interpolate_gaps,
-    resample_columns,
-    rescale_rows,
-)
+from octlightning.data.coords import interpolate_gaps, resample_columns, rescale_rows
+from octlightning.data.formats import layer_h5
+from octlightning.data.oct_layers import LayerAugmentation, OCTLayerDataModule
 from octlightning.data.transforms import SeededTransform
 from octlightning.errors import DataError
 from octlightning.metrics import BoundaryError
@@ -61,12 +56,8 @@ def write_layer_file(path: Path, **overrides) -> Path:
         "fluid_masks": np.zeros((N, H, W), np.uint8),
     }
     data.update(overrides)
-    with h5py.File(path, "w") as f:
-        for key, value in data.items():
-            if value is not None:
-                f.create_dataset(key, data=value, chunks=(1, *value.shape[1:]) if value.ndim == 3 else None)
-        f.attrs["pixel_spacing_um"] = 3.87
-    return path
+    known = {k: data.pop(k) for k in ("images", "layer_maps", "subject", "fluid_masks")}
+    return layer_h5.write_layer_file(path, **known, pixel_spacing_um=3.87, extra=data)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,16 @@
 """OCT retinal-layer boundaries from HDF5: B-scans and, per column, the row of each chosen boundary.
 
-The file holds ``images`` ``(N, H, W)`` grayscale B-scans and ``layer_maps`` ``(N, W, L)`` with the row
-(y, pixels) of every boundary in every column, NaN where a grader left it unannotated; optionally
-``subject`` ``(N,)`` for subject-wise splits (``fluid_masks`` and other datasets are ignored). The
-dataset names are configurable: the Duke AMD export calls them ``images``/``layerMaps``.
+The file (:mod:`octlightning.data.formats.layer_h5`, which reads and writes it) holds ``images``
+``(N, H, W)`` grayscale B-scans and ``layer_maps`` ``(N, W, L)`` with the row (y, pixels) of every
+boundary in every column, NaN where a grader left it unannotated; optionally ``subject`` ``(N,)`` for
+subject-wise splits (``fluid_masks`` and other datasets are ignored). The dataset names are
+configurable: the Duke AMD export calls them ``images``/``layerMaps``.
 
 Samples are dicts with ``image`` ``(C, H_in, W_in)``, ``coords`` ``(L, output_width)`` boundary rows in
 *input* pixels (NaN where unannotated), ``valid`` ``(L, output_width)`` bool, ``size`` (original H, W),
 ``spacing_um`` (axial um per original pixel, NaN when unknown), ``id`` and, when known, ``subject``.
-
-Coordinates follow the pixel-centre convention of image resizing (row/column ``i`` is the centre of
-pixel ``i``): resizing ``n`` to ``m`` pixels maps ``x`` to ``(x + 0.5) * m / n - 0.5``, the mapping
-``cv2.resize`` and ``F.interpolate(align_corners=False)`` apply to the image, so image and
-coordinates stay registered.
+Coordinates follow the pixel-centre convention of image resizing (:mod:`octlightning.data.coords`), so
+image and coordinates stay registered.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,60 +29,12 @@ import torch
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
+from octlightning.data.coords import column_positions, interpolate_gaps, resample_columns, rescale_rows
+from octlightning.data.formats.layer_h5 import LayerFileIndex, inspect_layer_file
 from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
 from octlightning.errors import ConfigError, DataError
 
 NanPolicy = Literal["mask", "interpolate"]
-
-
-# ----------------------------------------------------------------------------- coordinate helpers
-def rescale_rows(y: np.ndarray | torch.Tensor, src: int, dst: int):
-    """Map row coordinates from an image of height ``src`` to one of height ``dst`` (pixel centres)."""
-    return (y + 0.5) * (dst / src) - 0.5
-
-
-def column_positions(src: int, dst: int) -> np.ndarray:
-    """Where the ``dst`` resampled columns' centres lie on the ``src`` column grid."""
-    return (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
-
-
-def resample_columns(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resample per-column values ``(..., W)`` to ``width`` columns by linear interpolation.
-
-    Uses the resize convention of the image, so the values stay registered with a resized image;
-    positions beyond the outer column centres take the border column. A resampled column is valid
-    (second output) only when every source column it interpolates between is finite: NaN never
-    leaks into a value, and gaps are not bridged here (see :func:`interpolate_gaps`).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    src = values.shape[-1]
-    pos = np.clip(column_positions(src, width), 0, src - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, src - 1)
-    frac = pos - lo
-    a, b = values[..., lo], values[..., hi]
-    valid = np.isfinite(a) & (np.isfinite(b) | (frac == 0))
-    out = a + frac * (np.where(np.isfinite(b), b, a) - a)
-    return np.where(valid, out, np.nan), valid
-
-
-def interpolate_gaps(values: np.ndarray) -> np.ndarray:
-    """Fill NaN runs *between* annotated columns by linear interpolation, per row of ``(..., W)``.
-
-    Columns before the first or after the last annotated column stay NaN: extrapolating a boundary
-    beyond the annotation would invent data.
-    """
-    out = np.array(values, dtype=np.float64, copy=True)
-    flat = out.reshape(-1, out.shape[-1])
-    cols = np.arange(flat.shape[-1])
-    for row in flat:
-        ok = np.isfinite(row)
-        if ok.sum() < 2:
-            continue
-        first, last = np.flatnonzero(ok)[[0, -1]]
-        inner = ~ok & (cols > first) & (cols < last)
-        row[inner] = np.interp(cols[inner], cols[ok], row[ok])
-    return out
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -166,115 +115,6 @@ class LayerAugmentation:
         if self.photometric is not None:
             image = self.photometric(image=np.ascontiguousarray(image))["image"]
         return {"image": np.ascontiguousarray(image), "coords": np.ascontiguousarray(coords), "valid": valid.copy()}
-
-
-# ----------------------------------------------------------------------------- file checks
-def _require(f: h5py.File, path: Path, key: str, ndim: int, what: str) -> h5py.Dataset:
-    if key not in f or not isinstance(f[key], h5py.Dataset):
-        raise DataError(f"{path}: no dataset {key!r} ({what}); the file has {sorted(f.keys())}")
-    ds = f[key]
-    if ds.ndim != ndim:
-        raise DataError(f"{path}: dataset {key!r} has shape {ds.shape}, expected {ndim} dimensions ({what})")
-    return ds
-
-
-@dataclass
-class LayerFileIndex:
-    """What :func:`inspect_layer_file` learns from a file (``num_boundaries`` is None without layers)."""
-
-    path: Path
-    n: int
-    height: int
-    width: int
-    num_boundaries: int | None = None
-    layer_indices: list[int] | None = None  # the chosen boundaries, defaults resolved
-    subjects: np.ndarray | None = None
-    spacing_um: float | None = None
-    labelled: np.ndarray | None = None  # (N,) bool: a chosen boundary has at least one annotated column
-
-
-def inspect_layer_file(
-    path: Path,
-    image_key: str,
-    layer_key: str | None,
-    layer_indices: Sequence[int] | None,
-    subject_key: str | None,
-    require_layers: bool = True,
-    block: int = 64,
-) -> LayerFileIndex:
-    """Validate the file's layout and find the annotated samples, reading ``layer_maps`` block-wise.
-
-    With ``require_layers=False`` a file without ``layer_key`` is accepted (images to predict).
-    """
-    if not path.is_file():
-        raise DataError(f"{path}: HDF5 file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path}: cannot open as HDF5 ({err})") from err
-    with f:
-        images = _require(f, path, image_key, 3, "B-scans (N, H, W)")
-        n, h, w = images.shape
-        if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
-            raise DataError(f"{path}: dataset {image_key!r} has dtype {images.dtype}, expected integers or floats")
-        layers = None
-        if layer_key is not None and (require_layers or layer_key in f):
-            layers = _require(f, path, layer_key, 3, "boundary rows (N, W, L)")
-            if not (np.issubdtype(layers.dtype, np.integer) or np.issubdtype(layers.dtype, np.floating)):
-                raise DataError(
-                    f"{path}: dataset {layer_key!r} has dtype {layers.dtype}, expected boundary rows as numbers "
-                    f"(floats, NaN where unannotated)"
-                )
-            if layers.shape[0] != n:
-                raise DataError(
-                    f"{path}: {image_key!r} holds {n} B-scans but {layer_key!r} holds {layers.shape[0]}; "
-                    f"they must have the same length"
-                )
-            if layers.shape[1] != w:
-                hint = " (is it stored as (N, L, W)?)" if layers.shape[2] == w else ""
-                raise DataError(
-                    f"{path}: {layer_key!r} has shape {layers.shape}, expected (N, W, L) with W = {w}, the width "
-                    f"of {image_key!r}{hint}"
-                )
-        index = LayerFileIndex(path, n, h, w, labelled=np.zeros(n, dtype=bool))
-        if layers is not None:
-            num = index.num_boundaries = layers.shape[2]
-            # Default: first and last boundary, ILM and Bruch's membrane in the Duke exports.
-            chosen = ([0, num - 1] if num > 1 else [0]) if layer_indices is None else list(layer_indices)
-            bad = [k for k in chosen if not 0 <= k < num]
-            if bad or not chosen:
-                raise DataError(
-                    f"{path}: layer_indices {chosen} out of range for {layer_key!r}, which has {num} boundaries "
-                    f"(valid indices 0..{num - 1})"
-                )
-            index.layer_indices = chosen
-            for start in range(0, n, block):
-                part = layers[start : start + block][..., chosen].astype(np.float64)
-                if np.isinf(part).any():
-                    i = start + int(np.flatnonzero(np.isinf(part).any(axis=(1, 2)))[0])
-                    raise DataError(f"{path}: {layer_key!r}[{i}] holds infinite values; use NaN for unannotated")
-                out = np.isfinite(part) & ((part < 0) | (part > h))
-                if out.any():
-                    i = start + int(np.flatnonzero(out.any(axis=(1, 2)))[0])
-                    raise DataError(
-                        f"{path}: {layer_key!r}[{i}] holds rows outside the image (0..{h}); boundary values "
-                        f"must be row indices of {image_key!r}"
-                    )
-                index.labelled[start : start + len(part)] = np.isfinite(part).any(axis=(1, 2))
-        if subject_key is not None and subject_key in f:
-            subjects = _require(f, path, subject_key, 1, "subject per B-scan (N,)")[()]
-            if len(subjects) != n:
-                raise DataError(f"{path}: {subject_key!r} has {len(subjects)} entries for {n} B-scans")
-            try:
-                index.subjects = np.array([s.decode() if isinstance(s, bytes) else s for s in subjects])
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}: dataset {subject_key!r} holds a subject id that is not UTF-8 text ({err})"
-                ) from None
-        spacing = f.attrs.get("pixel_spacing_um")
-        if spacing is not None:
-            index.spacing_um = float(np.asarray(spacing).reshape(-1)[0])
-    return index
 
 
 # ----------------------------------------------------------------------------- dataset

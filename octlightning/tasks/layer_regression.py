@@ -20,7 +20,7 @@ import torchmetrics
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from octlightning.data.oct_layers import resample_columns, rescale_rows
+from octlightning.data.coords import resample_columns, rescale_rows
 from octlightning.losses import masked_regression_loss
 from octlightning.metrics import BoundaryError, boundary_abs_errors
 from octlightning.tasks.base import BaseTask

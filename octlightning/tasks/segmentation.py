@@ -14,11 +14,13 @@ from torchmetrics.functional.classification import binary_auroc
 from octlightning.inference import sliding_window as tiled_inference
 from octlightning.losses import build_segmentation_loss
 from octlightning.metrics import (
+    SliceCounts,
     confusion_counts,
     dice_iou_from_stat_scores,
     hd95_per_class,
     mean_row,
     score_row,
+    score_volumes,
     valid_from_sizes,
 )
 from octlightning.tasks.base import BaseTask
@@ -239,42 +241,11 @@ class SegmentationTask(BaseTask):
             table.append(mean_row(table, "id"))
         self.write_csv(table, "test_metrics.csv")
         if rows and "volume" in rows[0]:
-            volumes = self.volume_rows(rows)
+            slices = [SliceCounts(r["volume"], r["_counts"], r.get("_hd95"), r.get("_voxel_mm3")) for r in rows]
+            volumes = score_volumes(slices, None if self.binary else self.class_names)
             if self.hd95:
-                # A volume's HD95 is the mean over its slices (the MIRAGE benchmark's per-scan score).
-                by_volume: dict[str, list[np.ndarray]] = {}
-                for r in rows:
-                    by_volume.setdefault(str(r["volume"]), []).append(r["_hd95"])
-                for v in volumes:
-                    v.update(self._score_row(None, np.mean(by_volume[v["volume"]], axis=0)))
                 volumes.append(mean_row(volumes, "volume"))
             self.write_csv(volumes, "test_volumes.csv")
-
-    def volume_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Per-volume scores from the summed confusion counts of its slices.
-
-        With a voxel volume (``voxel_mm3`` in the batch) each class also gets the reference and
-        predicted volume and their absolute difference in mm^3 (the RETOUCH challenge's AVD).
-        """
-        volumes: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            volumes.setdefault(str(r["volume"]), []).append(r)
-        names = ["foreground"] if self.binary else self.class_names
-        out = []
-        for vid in sorted(volumes):
-            part = volumes[vid]
-            counts = sum(r["_counts"] for r in part)
-            row: dict[str, Any] = {"volume": vid, "slices": len(part)}
-            row.update(self._score_row(counts))
-            if all("_voxel_mm3" in r for r in part):
-                for k, cname in enumerate(names, start=1):
-                    ref = sum(float(r["_counts"][k, 0] + r["_counts"][k, 2]) * r["_voxel_mm3"] for r in part)
-                    pred = sum(float(r["_counts"][k, 0] + r["_counts"][k, 1]) * r["_voxel_mm3"] for r in part)
-                    row[f"ref_mm3_{cname}"] = ref
-                    row[f"pred_mm3_{cname}"] = pred
-                    row[f"avd_mm3_{cname}"] = abs(pred - ref)
-            out.append(row)
-        return out
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Write mask/overlay PNGs per image; return the padded label maps (uint8) for writers such as

@@ -3,7 +3,8 @@
 They let ``make demo`` run on a machine without the shared data, and let every DataModule be tested
 on files written exactly as the public datasets ship them. They are not for judging models.
 
-``python -m octlightning.data.synthetic drive <folder>`` writes a DRIVE-layout set.
+``python -m octlightning.convert synthetic drive <folder>`` (or ``octlightning convert ...``) writes a
+DRIVE-layout set.
 """
 
 from __future__ import annotations
@@ -66,17 +67,21 @@ def write_drive_layout(
     return root
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("layout", choices=["drive"])
-    parser.add_argument("folder")
-    parser.add_argument("--n-train", type=int, default=12)
-    parser.add_argument("--n-test", type=int, default=4)
-    parser.add_argument("--size", type=int, nargs=2, default=(192, 200), metavar=("H", "W"))
-    args = parser.parse_args()
-    path = write_drive_layout(args.folder, args.n_train, args.n_test, tuple(args.size))
+HELP = "write a small synthetic dataset in a public layout (demo and tests; not for judging models)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of :func:`run`."""
+    parser.add_argument("layout", choices=["drive"], help="the on-disk layout to write")
+    parser.add_argument("folder", help="output dataset folder")
+    parser.add_argument("--n-train", type=int, default=12, help="training images")
+    parser.add_argument("--n-test", type=int, default=4, help="test images")
+    parser.add_argument("--size", type=int, nargs=2, default=(192, 200), metavar=("H", "W"), help="image size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random images")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the dataset the parsed ``args`` describe. Returns the exit status."""
+    path = write_drive_layout(args.folder, args.n_train, args.n_test, tuple(args.size), args.seed)
     print(f"wrote a synthetic DRIVE-layout dataset to {path}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
