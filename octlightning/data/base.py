@@ -189,7 +189,7 @@ class BaseDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if val_fraction < 0 or test_fraction < 0:
-            raise ValueError(f"val_fraction and test_fraction must not be negative, got {val_fraction}, {test_fraction}")
+            raise ValueError(f"val_fraction and test_fraction must be >= 0, got {val_fraction}, {test_fraction}")
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
