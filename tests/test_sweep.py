@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from octlightning import sweep as sw
+from octlightning.sweep import launch, main
+from octlightning.sweep.launch import read_status, write_status
+from octlightning.sweep.local import local_hardware
+from octlightning.sweep.slurm import slurm_hardware
+from octlightning.sweep.spec import SweepError, expand, fit_parser, load_sweep, validate
 from tests.conftest import REPO, TINY_VESSEL
 
 CONFIG = str(REPO / "hparams" / "vessel_unet.json")
@@ -57,7 +61,7 @@ def test_expansion_is_deterministic_and_validated(tmp_path):
         "runs": [{"trainer.max_epochs": 3}],
         "seeds": [1, 2],
     }
-    sweep = sw.load_sweep(_write(tmp_path / "s.json", spec), root=tmp_path)
+    sweep = load_sweep(_write(tmp_path / "s.json", spec), root=tmp_path)
     assert sweep.name == "s" and sweep.folder == tmp_path / "s"
     assert len(sweep.runs) == (4 + 1) * 2
     assert [r.overrides for r in sweep.runs[:3]] == [
@@ -72,24 +76,24 @@ def test_expansion_is_deterministic_and_validated(tmp_path):
 
     # The same overrides give the same ids, whatever the key order; a changed fixed override does not.
     reordered = dict(spec, grid={"data.init_args.batch_size": [2, 4], "model.init_args.lr": [0.1, 0.01]})
-    again = sw.load_sweep(_write(tmp_path / "s.json", reordered), root=tmp_path)
+    again = load_sweep(_write(tmp_path / "s.json", reordered), root=tmp_path)
     assert sorted(r.id for r in again.runs) == sorted(ids)
-    changed = sw.load_sweep(_write(tmp_path / "s.json", dict(spec, fixed={"trainer.max_epochs": 9})), root=tmp_path)
+    changed = load_sweep(_write(tmp_path / "s.json", dict(spec, fixed={"trainer.max_epochs": 9})), root=tmp_path)
     assert not set(r.id for r in changed.runs) & set(ids)
 
     # Random sampling draws the same grid points for the same sample_seed.
     grid = {"model.init_args.lr": [0.1, 0.01, 0.001], "data.init_args.batch_size": [2, 4, 8]}
     picks = [
-        [r.overrides for r in sw.load_sweep(_write(tmp_path / "r.json", {"base": CONFIG, "grid": grid, **s})).runs]
+        [r.overrides for r in load_sweep(_write(tmp_path / "r.json", {"base": CONFIG, "grid": grid, **s})).runs]
         for s in ({"sample": 4, "sample_seed": 7}, {"sample": 4, "sample_seed": 7}, {"sample": 4, "sample_seed": 8})
     ]
     assert len(picks[0]) == 4 and picks[0] == picks[1] and picks[0] != picks[2]
-    full = sw.expand({"grid": grid})
+    full = expand({"grid": grid})
     assert all(p in full for p in picks[0])
 
-    sw.validate(sweep, sw.local_hardware(sweep, None))  # every run parses
+    validate(sweep, local_hardware(sweep, None))  # every run parses
     # ... into a run folder runs/<sweep>/<id>/, a shared Comet project, the overrides as Comet tags
-    cfg = sw.fit_parser().parse_args(sweep.cli_args(sweep.runs[0], "fit")[1:])
+    cfg = fit_parser().parse_args(sweep.cli_args(sweep.runs[0], "fit")[1:])
     assert (cfg.experiment, cfg.version, cfg.trainer.default_root_dir) == ("s", ids[0], str(tmp_path))
     assert cfg.comet_project == "s" and cfg.comet_tags == ["s", "batch_size=2", "lr=0.1", "seed=1"]
     assert cfg.model.init_args.lr == 0.1 and cfg.data.init_args.batch_size == 2 and cfg.seed_everything == 1
@@ -104,14 +108,14 @@ def test_a_typo_fails_the_whole_sweep_before_anything_starts(tmp_path, capsys):
             {"trainer.max_epoch": 2},  # would be a silently accepted abbreviation in jsonargparse
         ],
     }
-    assert sw.main([str(_write(tmp_path / "typo.json", spec)), "--root", str(tmp_path / "runs")]) == 2
+    assert main([str(_write(tmp_path / "typo.json", spec)), "--root", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert "2 of 3 runs" in err and "nothing was started" in err
     assert "run 1" in err and "lrr" in err and "run 2" in err and "max_epoch" in err
     assert not (tmp_path / "runs").exists()
 
-    with pytest.raises(sw.SweepError, match="set by the sweep"):
-        sw.load_sweep(_write(tmp_path / "r.json", {"base": CONFIG, "grid": {"trainer.default_root_dir": ["x"]}}))
+    with pytest.raises(SweepError, match="set by the sweep"):
+        load_sweep(_write(tmp_path / "r.json", {"base": CONFIG, "grid": {"trainer.default_root_dir": ["x"]}}))
 
 
 @pytest.mark.slow
@@ -124,7 +128,7 @@ def test_cpu_sweep_on_two_slots_resumes_a_killed_run_and_then_runs_nothing(tmp_p
     }
     path = _write(tmp_path / "tiny.json", spec)
     argv = [str(path), "--root", str(tmp_path / "runs"), "--slots", "2"]
-    sweep = sw.load_sweep(path, root=tmp_path / "runs")
+    sweep = load_sweep(path, root=tmp_path / "runs")
     killed_dir, other_dir = (sweep.run_dir(r) for r in sweep.runs[:2])
 
     # SIGKILL the first run as soon as it has written its first last.ckpt.
@@ -133,7 +137,7 @@ def test_cpu_sweep_on_two_slots_resumes_a_killed_run_and_then_runs_nothing(tmp_p
     def kill_after_first_checkpoint() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            pid = sw.read_status(killed_dir).get("pid")
+            pid = read_status(killed_dir).get("pid")
             if pid and (killed_dir / "checkpoints" / "last.ckpt").is_file():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -141,20 +145,20 @@ def test_cpu_sweep_on_two_slots_resumes_a_killed_run_and_then_runs_nothing(tmp_p
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    assert sw.main(argv) == 1  # one run failed, the others went on
+    assert main(argv) == 1  # one run failed, the others went on
     watcher.join()
     out = capsys.readouterr().out
     assert killed and "FAILED" in out and "killed by SIGKILL" in out
-    first = sw.read_status(killed_dir)
+    first = read_status(killed_dir)
     assert first["state"] == "failed" and first["returncode"] == -signal.SIGKILL
-    assert [sw.read_status(sweep.run_dir(r))["state"] for r in sweep.runs[1:]] == ["done", "done"]
+    assert [read_status(sweep.run_dir(r))["state"] for r in sweep.runs[1:]] == ["done", "done"]
 
     # Second invocation: only the killed run runs, resumed from its last.ckpt, to the full epoch count.
-    assert sw.main(argv) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "2 already done, 1 to run" in out and "resuming from last.ckpt" in out
     assert "octlightning: resuming" in (killed_dir / "stderr.log").read_text()
-    final = sw.read_status(killed_dir)
+    final = read_status(killed_dir)
     assert final["state"] == "done" and final["attempts"] == {"fit": 2}
 
     def val_epochs(run_dir: Path) -> set[int]:
@@ -177,9 +181,9 @@ def test_cpu_sweep_on_two_slots_resumes_a_killed_run_and_then_runs_nothing(tmp_p
     assert (sweep.folder / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
 
     # Third invocation: nothing left to run.
-    assert sw.main(argv) == 0
+    assert main(argv) == 0
     assert "3 already done, 0 to run" in capsys.readouterr().out
-    assert sw.read_status(killed_dir)["attempts"] == {"fit": 2}
+    assert read_status(killed_dir)["attempts"] == {"fit": 2}
 
 
 STAND_IN = """
@@ -198,7 +202,7 @@ def test_ctrl_c_stops_every_child_and_its_processes(tmp_path, drive_root, monkey
     program.write_text(STAND_IN)
     pids_dir = tmp_path / "pids"
     pids_dir.mkdir()
-    monkeypatch.setattr(sw, "CLI_COMMAND", [sys.executable, str(program)])
+    monkeypatch.setattr(launch, "CLI_COMMAND", [sys.executable, str(program)])
     monkeypatch.setenv("SWEEP_TEST_PIDS", str(pids_dir))
     spec = {"base": CONFIG, "grid": {"model.init_args.lr": [0.1, 0.01, 0.001]}, "fixed": _tiny_fixed(drive_root)}
     path = _write(tmp_path / "stop.json", spec)
@@ -210,14 +214,14 @@ def test_ctrl_c_stops_every_child_and_its_processes(tmp_path, drive_root, monkey
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
-    code = sw.main([str(path), "--root", str(tmp_path / "runs"), "--slots", "2", "--grace", "0.5"])
+    code = main([str(path), "--root", str(tmp_path / "runs"), "--slots", "2", "--grace", "0.5"])
     assert code == 130
     pids = [int(p) for f in pids_dir.iterdir() for p in f.read_text().split()]
     assert len(pids) == 4
     time.sleep(0.2)
     assert not any(_alive(p) for p in pids), "a child or grandchild survived Ctrl-C"
-    sweep = sw.load_sweep(path, root=tmp_path / "runs")
-    states = [sw.read_status(sweep.run_dir(r)).get("state") for r in sweep.runs]
+    sweep = load_sweep(path, root=tmp_path / "runs")
+    states = [read_status(sweep.run_dir(r)).get("state") for r in sweep.runs]
     assert states == ["interrupted", "interrupted", None]  # the third never started
     assert "interrupted, stopping 2 run(s)" in capsys.readouterr().out
 
@@ -233,7 +237,7 @@ def test_slurm_script_has_one_array_task_per_run_and_task_i_runs_run_i(tmp_path)
     }
     path = _write(tmp_path / "cluster.json", spec)
     root = tmp_path / "runs with space"
-    assert sw.main([str(path), "--slurm", "--root", str(root)]) == 0
+    assert main([str(path), "--slurm", "--root", str(root)]) == 0
     folder = root / "cluster"
     script = folder / "sweep.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -244,7 +248,7 @@ def test_slurm_script_has_one_array_task_per_run_and_task_i_runs_run_i(tmp_path)
         assert f"#SBATCH {option}" in lines, option
     assert "#SBATCH --time=01:00:00" in lines
     manifest = json.loads((folder / "runs.json").read_text())
-    ids = [r.id for r in sw.load_sweep(path, root=root).runs]
+    ids = [r.id for r in load_sweep(path, root=root).runs]
     assert [r["id"] for r in manifest["runs"]] == ids
 
     # Run array task 1 with a stand-in srun that records what it was asked to start.
@@ -272,7 +276,7 @@ def test_slurm_script_has_one_array_task_per_run_and_task_i_runs_run_i(tmp_path)
     assert test[test.index("-m") + 2] == "test" and "--ntasks=1" in test and "--nodes=1" in test
     assert [a for i, a in enumerate(test[1:]) if test[i] == "--trainer.devices"][-1] == "1"
     assert test[test.index("--ckpt_path") + 1].endswith("checkpoints/last.ckpt")  # no best.ckpt here
-    status = sw.read_status(folder / ids[1])
+    status = read_status(folder / ids[1])
     assert status["state"] == "done" and status["stages_done"] == ["fit", "test"]
     assert not (folder / ids[0]).exists() and not (folder / ids[2]).exists()
 
@@ -288,7 +292,7 @@ def test_leaderboard_ranks_by_each_runs_monitor_and_collects_test_metrics(tmp_pa
     def run(name: str, lr: float, losses: list[float] | None, test_dice: float | None = None) -> None:
         d = folder / name
         d.mkdir(parents=True)
-        sw.write_status(d, {"id": name, "state": "done", "overrides": {"model.init_args.lr": lr}})
+        write_status(d, {"id": name, "state": "done", "overrides": {"model.init_args.lr": lr}})
         (d / "config.yaml").write_text("model:\n  init_args:\n    monitor: val/loss\n    monitor_mode: min\n")
         if losses is None:
             return
@@ -304,7 +308,7 @@ def test_leaderboard_ranks_by_each_runs_monitor_and_collects_test_metrics(tmp_pa
     run("a", 0.1, [0.9, 0.5, 0.7], test_dice=0.6)
     run("b", 0.01, [0.8, 0.3, 0.4], test_dice=0.8)
     run("c", 0.001, None)  # failed before logging anything
-    assert sw.main([str(folder), "--report"]) == 0
+    assert main([str(folder), "--report"]) == 0
     rows = list(csv.DictReader(open(folder / "leaderboard.csv")))
     assert [r["run"] for r in rows] == ["b", "a", "c"]
     assert [r["best"] for r in rows] == ["0.3", "0.5", ""]
@@ -319,16 +323,16 @@ def test_upload_sends_every_runs_offline_archive_in_one_command(tmp_path, capsys
     for name in ("a", "b"):
         (tmp_path / "sweep" / name).mkdir(parents=True)
         (tmp_path / "sweep" / name / f"key{name}.zip").write_bytes(b"PK")
-    assert sw.main([str(tmp_path / "sweep"), "--upload", "--dry-run"]) == 0
+    assert main([str(tmp_path / "sweep"), "--upload", "--dry-run"]) == 0
     command = capsys.readouterr().out.strip().split()
     assert "upload" in command and command[-2:] == [str(tmp_path / "sweep" / n / f"key{n}.zip") for n in "ab"]
 
 
 def test_experiment_sweep_files_expand_and_parse():
     for path in sorted((REPO / "experiments").glob("*.json")):
-        sweep = sw.load_sweep(path)
-        sw.validate(sweep, sw.slurm_hardware(sweep))
-    vessel = sw.load_sweep(REPO / "experiments" / "vessel_lr_batch.json")
+        sweep = load_sweep(path)
+        validate(sweep, slurm_hardware(sweep))
+    vessel = load_sweep(REPO / "experiments" / "vessel_lr_batch.json")
     combos = {(r.overrides["model.init_args.lr"], r.overrides["data.init_args.batch_size"]) for r in vessel.runs}
     assert combos == {(1e-4, 4), (1e-4, 16), (5e-5, 4), (5e-5, 16)}
     assert {r.overrides["trainer.max_epochs"] for r in vessel.runs} == {100, 500, 1000}
