@@ -334,3 +334,30 @@ class OctLightningCLI(LightningCLI):
 def run_cli(args: list[str] | None = None) -> OctLightningCLI:
     """Run one CLI command in this process and return the CLI (trainer, model, datamodule)."""
     return OctLightningCLI(args=args)
+
+
+class _ParserBuilt(Exception):
+    def __init__(self, parser: LightningArgumentParser) -> None:
+        super().__init__("parser built")
+        self.parser = parser
+
+
+def argument_parser(**parser_kwargs: Any) -> LightningArgumentParser:
+    """The CLI's parser with its subcommands, built without parsing or instantiating anything.
+
+    ``argument_parser().parse_args(["fit", "--config", ...])`` checks a command line as ``fit`` would
+    (sweeps validate every run this way before starting one). ``parser_kwargs`` go to the parsers,
+    e.g. ``exit_on_error=False`` (errors as exceptions) and ``allow_abbrev=False``.
+    """
+
+    class _ParserOnly(OctLightningCLI):
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            raise _ParserBuilt(parser)  # LightningCLI.__init__ would parse and instantiate next
+
+    subcommands = {name: dict(parser_kwargs) for name in ("fit", "validate", "test", "predict")}
+    try:
+        _ParserOnly(args=[], parser_kwargs={**parser_kwargs, **subcommands})
+    except _ParserBuilt as built:
+        return built.parser
+    raise AssertionError("LightningCLI did not call parse_arguments")  # pragma: no cover
+

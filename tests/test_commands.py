@@ -91,7 +91,8 @@ def test_class_count_and_names_come_from_the_data(tmp_path):
     root = _mirage_layout(tmp_path / "four", ["Background", "Retina", "Choroid", "Fluid"], [0, 80, 160, 255])
     args = ["--config", FOUNDATION, "--data.init_args.root", str(root), *FOUNDATION_TINY]
     cli = run_cli(null_means_none(["fit", *args, "--trainer.default_root_dir", str(tmp_path / "runs")]))
-    assert cli.model.num_classes == 4 and cli.model.net.num_classes == 4
+    image = cli.datamodule.val_set[0]["image"][None]
+    assert cli.model.num_classes == 4 and cli.model.net(image).shape[1] == 4
     assert cli.model.class_names == ["Retina", "Choroid", "Fluid"]
     logged = set(cli.trainer.logged_metrics)
     assert "val/dice_Fluid" in logged and not any(k.endswith("_OPL") for k in logged)

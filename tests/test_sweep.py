@@ -20,7 +20,7 @@ from octlightning.sweep import launch, main
 from octlightning.sweep.launch import read_status, write_status
 from octlightning.sweep.local import local_hardware
 from octlightning.sweep.slurm import slurm_hardware
-from octlightning.sweep.spec import SweepError, expand, fit_parser, load_sweep, validate
+from octlightning.sweep.spec import SweepError, expand, cli_parser, load_sweep, validate
 from tests.conftest import REPO, TINY_VESSEL
 
 CONFIG = str(REPO / "hparams" / "vessel_unet.json")
@@ -93,7 +93,7 @@ def test_expansion_is_deterministic_and_validated(tmp_path):
 
     validate(sweep, local_hardware(sweep, None))  # every run parses
     # ... into a run folder runs/<sweep>/<id>/, a shared Comet project, the overrides as Comet tags
-    cfg = fit_parser().parse_args(sweep.cli_args(sweep.runs[0], "fit")[1:])
+    cfg = cli_parser().parse_args(sweep.cli_args(sweep.runs[0], "fit")).fit
     assert (cfg.experiment, cfg.version, cfg.trainer.default_root_dir) == ("s", ids[0], str(tmp_path))
     assert cfg.comet_project == "s" and cfg.comet_tags == ["s", "batch_size=2", "lr=0.1", "seed=1"]
     assert cfg.model.init_args.lr == 0.1 and cfg.data.init_args.batch_size == 2 and cfg.seed_everything == 1

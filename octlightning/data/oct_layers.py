@@ -251,7 +251,8 @@ class OCTLayerDataModule(BaseDataModule):
         image_size: network input size, an int (square) or ``[height, width]``.
         output_width: number of predicted columns (the boundary rows are resampled to it).
         boundary_names: one name per chosen boundary, top first (metric and CSV column names); ``None``:
-            ``ILM`` and ``BM`` for the default first-and-last choice, else ``boundary<index>``.
+            the file's ``boundary_names`` attribute where it has one, else ``ILM`` and ``BM`` when the
+            first and last boundary are chosen (the default), else ``boundary<index>``.
         image_key, layer_key, subject_key: dataset names in the file (``subject`` is optional).
         nan_policy: ``mask`` (unannotated columns carry ``valid = False``; losses and metrics ignore
             them) or ``interpolate`` (interior gaps filled linearly, columns outside the annotation
@@ -296,7 +297,7 @@ class OCTLayerDataModule(BaseDataModule):
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
             in_channels, cache_mb,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["boundary_names"])  # logged by the task, which gets them from here
         if nan_policy not in ("mask", "interpolate"):
             raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
         if in_channels not in (1, 3):
@@ -347,7 +348,8 @@ class OCTLayerDataModule(BaseDataModule):
     @property
     def boundary_names(self) -> list[str]:
         """One name per predicted boundary, top first (see ``boundary_names`` above)."""
-        indices = list(self.file_index().layer_indices)
+        index = self.file_index()
+        indices = list(index.layer_indices)
         if self._boundary_names is not None:
             if len(self._boundary_names) != len(indices):
                 raise ConfigError(
@@ -355,8 +357,10 @@ class OCTLayerDataModule(BaseDataModule):
                     f"the {len(indices)} boundaries of layer_indices {indices}"
                 )
             return list(self._boundary_names)
-        if self.layer_indices is None:
-            return ["ILM", "BM"]
+        if index.boundary_names is not None:
+            return [index.boundary_names[k] for k in indices]
+        if indices == [0, index.num_boundaries - 1]:
+            return ["ILM", "BM"]  # the first and last boundary of the Duke DME/AMD exports
         return [f"boundary{k}" for k in indices]
 
     def file_index(self) -> LayerFileIndex:

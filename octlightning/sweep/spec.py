@@ -292,8 +292,8 @@ def load_sweep(path: str | Path, root: str | Path | None = None) -> Sweep:
 _PARSER = None
 
 
-def fit_parser():
-    """The CLI's ``fit`` parser, built once without parsing or instantiating anything.
+def cli_parser():
+    """The CLI's parser (``fit`` and the other subcommands), built once without parsing or instantiating.
 
     ``allow_abbrev=False`` so that a typo such as ``trainer.max_epoch`` is an error rather than a
     silently expanded abbreviation; ``exit_on_error=False`` so that errors are exceptions.
@@ -304,23 +304,9 @@ def fit_parser():
     """
     global _PARSER
     if _PARSER is None:
-        from octlightning.cli import OctLightningCLI
+        from octlightning.cli import argument_parser
 
-        class _ParserOnlyCLI(OctLightningCLI):
-            # LightningCLI.__init__ builds the parsers, then parses and instantiates: keep only the first.
-            def parse_arguments(self, parser, args) -> None:
-                self.config = {"subcommand": None}
-
-            def _parse_ckpt_path(self) -> None: ...
-            def _set_seed(self) -> None: ...
-            def _add_instantiators(self) -> None: ...
-            def before_instantiate_classes(self) -> None: ...
-            def instantiate_classes(self) -> None: ...
-            def after_instantiate_classes(self) -> None: ...
-
-        kwargs = {"exit_on_error": False, "allow_abbrev": False}
-        cli = _ParserOnlyCLI(args=[], parser_kwargs={**kwargs, "fit": dict(kwargs)})
-        _PARSER = cli._subcommand_parsers["fit"]
+        _PARSER = argument_parser(exit_on_error=False, allow_abbrev=False)
     return _PARSER
 
 
@@ -329,11 +315,11 @@ def validate(sweep: Sweep, hardware: list[str] | None = None) -> None:
 
     Raises :class:`SweepError` naming each run that does not parse, its overrides and the parser's message.
     """
-    parser = fit_parser()
+    parser = cli_parser()
     errors = []
     for run in sweep.runs:
         try:
-            parser.parse_args(sweep.cli_args(run, "fit", hardware)[1:])
+            parser.parse_args(sweep.cli_args(run, "fit", hardware))
         except Exception as err:  # jsonargparse.ArgumentError and the type errors it wraps
             message = "\n    ".join(line for line in str(err).splitlines() if line.strip())
             errors.append(f"  run {run.index} ({run.id}), overrides {run.overrides}:\n    {message}")

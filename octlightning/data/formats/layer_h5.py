@@ -59,6 +59,7 @@ class LayerFileIndex:
     layer_indices: list[int] | None = None  # the chosen boundaries, defaults resolved
     subjects: np.ndarray | None = None
     spacing_um: float | None = None
+    boundary_names: list[str] | None = None  # the file's names of all L boundaries (attribute), if any
     labelled: np.ndarray | None = None  # (N,) bool: a chosen boundary has at least one annotated column
 
 
@@ -140,6 +141,18 @@ def inspect_layer_file(
         spacing = f.attrs.get("pixel_spacing_um")
         if spacing is not None:
             index.spacing_um = float(np.asarray(spacing).reshape(-1)[0])
+        names = f.attrs.get("boundary_names")
+        if names is not None and index.num_boundaries is not None:
+            try:
+                names = json.loads(names) if isinstance(names, (str, bytes)) else [str(n) for n in names]
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: attribute boundary_names is not a JSON list of names ({err})") from None
+            if not isinstance(names, list) or len(names) != index.num_boundaries:
+                raise DataError(
+                    f"{path}: attribute boundary_names {names!r} does not name the {index.num_boundaries} "
+                    f"boundaries of {layer_key!r}"
+                )
+            index.boundary_names = [str(n) for n in names]
     return index
 
 
