@@ -123,15 +123,15 @@ def test_layout_vendors_splits_and_whole_bscan_samples(retouch_root, cache_dir):
     assert by_slice[("TEST001", 0)]["IRF"] == ""  # prediction-only: presence unknown
 
 
-def test_vendor_map_wins_and_unknown_vendor_is_an_error_naming_the_case(tmp_path):
+def test_vendor_option_names_the_device_of_a_folder_without_one_and_unknown_vendor_is_an_error(tmp_path):
     image, labels = synthetic_case(np.random.default_rng(1), False)
     write_mhd(image, tmp_path / "CASE_A" / "oct.mhd")
     write_mhd(labels, tmp_path / "CASE_A" / "reference.mhd")
-    with pytest.raises(DataError, match="CASE_A.*vendor_map"):
+    with pytest.raises(DataError, match="CASE_A.*--data.init_args.vendor"):
         find_cases(tmp_path)
-    assert find_cases(tmp_path, {"CASE_A": "topcon"})[0].vendor == "Topcon"
+    assert find_cases(tmp_path, "topcon")[0].vendor == "Topcon"
     with pytest.raises(DataError, match="CASE_A.*unknown vendor 'Nidek'"):
-        find_cases(tmp_path, {"CASE_A": "Nidek"})
+        find_cases(tmp_path, "Nidek")
 
 
 def test_preprocessing_cache_is_reused_and_rebuilt_when_settings_or_files_change(tmp_path):
@@ -156,11 +156,11 @@ def test_preprocessing_cache_is_reused_and_rebuilt_when_settings_or_files_change
     assert _dm(root, cache).store().path not in (first, changed)
 
 
-def test_predict_root_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path):
+def test_predict_dir_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path):
     other = tmp_path / "new_cases"
     image, _ = synthetic_case(np.random.default_rng(5), sixteen_bit=False)
     write_mhd(image, other / "NEW_Topcon_01" / "oct.mhd")
-    dm = _dm(retouch_root, cache_dir, predict_root=str(other))
+    dm = _dm(retouch_root, cache_dir, predict_dir=str(other))
     dm.prepare_data()
     dm.setup("predict")
     assert dm.predict_set.items == [("NEW_Topcon_01", z) for z in range(4)]
@@ -169,7 +169,7 @@ def test_predict_root_cases_are_matched_to_the_training_reference(retouch_root, 
     # the new (Topcon) case is matched to the training set's Spectralis histogram
     np.testing.assert_allclose(dm.predict_store().reference_hist, dm.store().reference_hist)
     assert dm.predict_store().path != dm.store().path
-    # without predict_root, predict takes the root's cases without reference
+    # without predict_dir, predict takes the root's cases without reference
     dm = _dm(retouch_root, cache_dir)
     dm.setup("predict")
     assert {case for case, _ in dm.predict_set.items} == {"TEST001"}
@@ -378,14 +378,12 @@ def test_fit_test_predict_through_the_cli(config, retouch_root, cache_dir, tmp_p
 @pytest.mark.realdata
 def test_shared_retouch_layout_loads(tmp_path):
     root = shared("retouch_like")
-    config = json.loads((REPO / "hparams" / "retouch_unet.json").read_text())
-    vendor_map = config["data"]["init_args"]["vendor_map"]
     with pytest.raises(DataError, match="TRAIN_DUKE01"):
-        find_cases(root)  # no vendor in the Duke case names: the config maps them
-    cases = find_cases(root, vendor_map)
+        find_cases(root)  # no vendor in the Duke case paths: the command passes it (README, Makefile)
+    cases = find_cases(root, "Spectralis")
     assert [(c.name, c.vendor) for c in cases] == [("TRAIN_DUKE01", "Spectralis"), ("TRAIN_DUKE02", "Spectralis")]
     dm = RetouchDataModule(
-        str(root), num_workers=0, cache_dir=str(tmp_path), vendor_map=vendor_map, val_cases=["TRAIN_DUKE02"]
+        str(root), num_workers=0, cache_dir=str(tmp_path), vendor="Spectralis", val_cases=["TRAIN_DUKE02"]
     )
     store = dm.store()
     for name in ("TRAIN_DUKE01", "TRAIN_DUKE02"):

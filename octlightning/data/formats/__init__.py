@@ -1,0 +1,1 @@
+"""Read and write of each on-disk file format."""
