@@ -59,6 +59,8 @@ class Recipe:
 # (jsonargparse reads a nested `...init_args.weights null` as the string "None"; the JSON form works.)
 # `{semseg}`: the shared Duke file converted to the MIRAGE layout (see duke_semseg).
 MIRAGE_ARGS = ["--model.init_args.net", '{"init_args": {"weights": null}}', "--data.init_args.root", "{semseg}"]
+# The shared retouch_like sample: two Spectralis cases whose paths name no vendor, too few for a test split.
+RETOUCH_SHARED_ARGS = ["--data.init_args.vendor", "Spectralis", "--data.init_args.test_fraction", "0"]
 
 RECIPES = [
     Recipe(
@@ -88,7 +90,9 @@ RECIPES = [
     Recipe(
         "RETOUCH U-Net patches",
         "hparams/retouch_unet.json",
-        cpu_args=["--model.init_args.net.init_args.base_channels", "8", "--data.init_args.batch_size", "8"],
+        gpu_args=RETOUCH_SHARED_ARGS,
+        cpu_args=[*RETOUCH_SHARED_ARGS, "--model.init_args.net.init_args.base_channels", "8",
+                  "--data.init_args.batch_size", "8"],
     ),
 ]  # fmt: skip
 

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
+from octlightning.data.formats.metaimage import Geometry, write_metaimage
 from octlightning.metrics import ISIC_JACCARD_THRESHOLD, thresholded_jaccard
 from octlightning.visualize import save_png
 
@@ -275,10 +276,12 @@ class WriteVolumes(L.Callback):
 
     Works with any task whose ``predict_step`` returns ``{"labels": (B, H, W)}`` (SegmentationTask does)
     on batches that carry ``volume`` (name), ``slice`` (index in the volume), ``num_slices``, ``spacing``
-    (x, y, z in mm, MetaImage order) and ``size`` (unpadded height, width), as the RETOUCH DataModule
-    provides. A volume is written (uint8 MetaImage with the input's spacing) as soon as all its slices
-    are in, which keeps memory bounded; under DDP, slices spread over ranks are gathered on rank 0 at
-    the end. Batches without those keys are ignored.
+    (x, y, z in mm, MetaImage order) and ``size`` (unpadded height, width), and optionally ``origin``
+    (x, y, z in mm) and ``direction`` (9 cosines), as the RETOUCH DataModule provides. A volume is
+    written (uint8 MetaImage with the input's spacing, origin and direction, so it overlays the scan in
+    3D Slicer or ITK-SNAP; see :func:`octlightning.data.formats.metaimage.write_metaimage`) as soon as all
+    its slices are in, which keeps memory bounded; under DDP, slices spread over ranks are gathered on
+    rank 0 at the end. Batches without those keys are ignored.
 
     Args:
         folder: sub-folder of the run folder.
@@ -291,7 +294,7 @@ class WriteVolumes(L.Callback):
         self.filename = filename
         self.compress = compress
         self._slices: dict[str, dict[int, object]] = {}
-        self._info: dict[str, tuple[int, tuple[float, ...]]] = {}
+        self._info: dict[str, tuple[int, Geometry]] = {}
         self.written: list[Path] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -308,7 +311,10 @@ class WriteVolumes(L.Callback):
             self._slices.setdefault(volume, {})[int(batch["slice"][i])] = (
                 labels[i, :h, :w].to(torch.uint8).cpu().numpy()
             )
-            self._info[volume] = (int(batch["num_slices"][i]), tuple(float(s) for s in batch["spacing"][i]))
+            geometry = Geometry(
+                **{k: tuple(float(v) for v in batch[k][i]) for k in ("spacing", "origin", "direction") if k in batch}
+            )
+            self._info[volume] = (int(batch["num_slices"][i]), geometry)
             if len(self._slices[volume]) == self._info[volume][0]:
                 self._write(trainer, pl_module, volume)
 
@@ -338,15 +344,10 @@ class WriteVolumes(L.Callback):
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, volume: str) -> None:
         import numpy as np
-        import SimpleITK as sitk
 
         parts = self._slices.pop(volume)
-        _, spacing = self._info.pop(volume)
+        _, geometry = self._info.pop(volume)
         array = np.stack([parts[z] for z in sorted(parts)])
         run_dir = getattr(pl_module, "run_dir", None) or Path(trainer.log_dir or trainer.default_root_dir)
         path = Path(run_dir) / self.folder / volume / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing(spacing)
-        sitk.WriteImage(image, str(path), useCompression=self.compress)
-        self.written.append(path)
+        self.written.append(write_metaimage(array, path, geometry, compress=self.compress))

@@ -19,7 +19,7 @@ from octlightning.errors import DataError
 from octlightning.inference import sliding_window, tile_starts
 from octlightning.models.discriminator import PairDiscriminator
 from octlightning.models.unet import UNet
-from tests.conftest import CPU_TRAINER, REPO, shared
+from tests.conftest import CPU_TRAINER, REPO, run_octlightning, shared
 
 SHAPE = (4, 64, 48)  # slices, rows, columns
 SPACING = (0.0117, 0.0039, 0.047)  # x, y, z in mm (MetaImage order)
@@ -123,15 +123,15 @@ def test_layout_vendors_splits_and_whole_bscan_samples(retouch_root, cache_dir):
     assert by_slice[("TEST001", 0)]["IRF"] == ""  # prediction-only: presence unknown
 
 
-def test_vendor_map_wins_and_unknown_vendor_is_an_error_naming_the_case(tmp_path):
+def test_vendor_option_names_the_device_of_a_folder_without_one_and_unknown_vendor_is_an_error(tmp_path):
     image, labels = synthetic_case(np.random.default_rng(1), False)
     write_mhd(image, tmp_path / "CASE_A" / "oct.mhd")
     write_mhd(labels, tmp_path / "CASE_A" / "reference.mhd")
-    with pytest.raises(DataError, match="CASE_A.*vendor_map"):
+    with pytest.raises(DataError, match="CASE_A.*--data.init_args.vendor"):
         find_cases(tmp_path)
-    assert find_cases(tmp_path, {"CASE_A": "topcon"})[0].vendor == "Topcon"
+    assert find_cases(tmp_path, "topcon")[0].vendor == "Topcon"
     with pytest.raises(DataError, match="CASE_A.*unknown vendor 'Nidek'"):
-        find_cases(tmp_path, {"CASE_A": "Nidek"})
+        find_cases(tmp_path, "Nidek")
 
 
 def test_preprocessing_cache_is_reused_and_rebuilt_when_settings_or_files_change(tmp_path):
@@ -378,14 +378,12 @@ def test_fit_test_predict_through_the_cli(config, retouch_root, cache_dir, tmp_p
 @pytest.mark.realdata
 def test_shared_retouch_layout_loads(tmp_path):
     root = shared("retouch_like")
-    config = json.loads((REPO / "hparams" / "retouch_unet.json").read_text())
-    vendor_map = config["data"]["init_args"]["vendor_map"]
     with pytest.raises(DataError, match="TRAIN_DUKE01"):
-        find_cases(root)  # no vendor in the Duke case names: the config maps them
-    cases = find_cases(root, vendor_map)
+        find_cases(root)  # no vendor in the Duke case paths: the command passes it (README, Makefile)
+    cases = find_cases(root, "Spectralis")
     assert [(c.name, c.vendor) for c in cases] == [("TRAIN_DUKE01", "Spectralis"), ("TRAIN_DUKE02", "Spectralis")]
     dm = RetouchDataModule(
-        str(root), num_workers=0, cache_dir=str(tmp_path), vendor_map=vendor_map, val_cases=["TRAIN_DUKE02"]
+        str(root), num_workers=0, cache_dir=str(tmp_path), vendor="Spectralis", val_cases=["TRAIN_DUKE02"]
     )
     store = dm.store()
     for name in ("TRAIN_DUKE01", "TRAIN_DUKE02"):
@@ -405,3 +403,134 @@ def test_shared_retouch_layout_loads(tmp_path):
     patch = dm.train_set[0]
     assert patch["image"].shape == (1, 256, 128)
     assert patch["mask"].max() == 1
+
+
+# --------------------------------------------------------------------------- the challenge layout as distributed
+# One archive per vendor and set: RETOUCH-TrainingSet-<Vendor>/TRAINnnn/{oct,reference}.{mhd,raw} (Cirrus and
+# Topcon 8-bit, Spectralis 16-bit), RETOUCH-TestSet-<Vendor>/TESTnnn/oct.{mhd,raw}; an archive may extract into
+# a folder of its own (TrainingSpectralis/RETOUCH-TrainingSet-Spectralis/...). Case numbers as in the challenge.
+CHALLENGE_CASES = {
+    "RETOUCH-TrainingSet-Cirrus": ("TRAIN001", "TRAIN002", "TRAIN003"),
+    "TrainingSpectralis/RETOUCH-TrainingSet-Spectralis": ("TRAIN025", "TRAIN026", "TRAIN027"),
+    "RETOUCH-TrainingSet-Topcon": ("TRAIN049", "TRAIN050", "TRAIN051"),
+}
+TEST_CASE = ("RETOUCH-TestSet-Topcon", "TEST029")
+# A scan placed and oriented in space: a prediction must carry all of it to overlay the scan.
+ORIGIN = (1.5, -2.25, 30.0)
+DIRECTION = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def write_volume(array: np.ndarray, path: Path, origin=(0.0, 0.0, 0.0), direction=None) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=False)
+
+
+def write_challenge_layout(root: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for vendor_set, cases in CHALLENGE_CASES.items():
+        for case in cases:
+            image, labels = synthetic_case(rng, sixteen_bit="Spectralis" in vendor_set)
+            write_volume(image, root / vendor_set / case / "oct.mhd", ORIGIN, DIRECTION)
+            write_volume(labels, root / vendor_set / case / "reference.mhd", ORIGIN, DIRECTION)
+    image, _ = synthetic_case(rng, sixteen_bit=False)
+    write_volume(image, root.joinpath(*TEST_CASE, "oct.mhd"), ORIGIN, DIRECTION)
+    return root
+
+
+def tree(root: Path) -> list[tuple[str, int]]:
+    """Every path below ``root`` with its modification time: what 'nothing written here' compares."""
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_challenge_layout_finds_every_case_at_any_depth_with_its_vendor(tmp_path):
+    root = write_challenge_layout(tmp_path / "RETOUCH")
+    cases = {c.name: c for c in find_cases(root)}
+    # today's code looked two levels deep only: the Spectralis archive folder was silently left out
+    assert sorted(cases) == ["TEST029", *sorted(sum(CHALLENGE_CASES.values(), ()))]
+    assert {n: c.vendor for n, c in cases.items() if n.startswith("TRAIN0")} == {
+        **dict.fromkeys(("TRAIN001", "TRAIN002", "TRAIN003"), "Cirrus"),
+        **dict.fromkeys(("TRAIN025", "TRAIN026", "TRAIN027"), "Spectralis"),
+        **dict.fromkeys(("TRAIN049", "TRAIN050", "TRAIN051"), "Topcon"),
+    }
+    assert cases["TEST029"].vendor == "Topcon" and not cases["TEST029"].labelled
+    # one vendor set given as root: its own name tells the vendor
+    single = find_cases(root / "RETOUCH-TrainingSet-Topcon")
+    assert [(c.name, c.vendor) for c in single] == [(n, "Topcon") for n in ("TRAIN049", "TRAIN050", "TRAIN051")]
+    # default splits: by case, one case of every vendor in validation and in test, seeded
+    dm = RetouchDataModule(str(root), num_workers=0, cache_dir=str(tmp_path / "cache"))
+    parts = dm.split()
+    for part in ("train", "val", "test"):
+        assert sorted(cases[c].vendor for c in parts[part]) == ["Cirrus", "Spectralis", "Topcon"], parts
+    assert (dm.num_classes, dm.class_names, dm.in_channels) == (4, ["IRF", "SRF", "PED"], 1)
+
+
+def test_a_path_naming_two_vendors_or_another_than_the_option_is_an_error(tmp_path):
+    image, labels = synthetic_case(np.random.default_rng(4), False)
+    write_mhd(image, tmp_path / "data" / "spectralis_exports" / "TRAIN_Cirrus_001" / "oct.mhd")
+    # today's code took the first name it met (Spectralis) for this Cirrus case
+    with pytest.raises(DataError, match="TRAIN_Cirrus_001.*several vendors.*Cirrus, Spectralis"):
+        find_cases(tmp_path / "data")
+    with pytest.raises(DataError, match="TRAIN_Cirrus_001.*names Cirrus but the vendor option says Topcon"):
+        find_cases(tmp_path / "data" / "spectralis_exports", "Topcon")
+    # below root, the path wins over root's own name
+    assert find_cases(tmp_path / "data" / "spectralis_exports")[0].vendor == "Cirrus"
+    assert find_cases(tmp_path / "data" / "spectralis_exports", "cirrus")[0].vendor == "Cirrus"
+
+
+def test_the_cache_goes_to_the_user_cache_folder_never_into_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = write_challenge_layout(tmp_path / "RETOUCH")
+    before = tree(root)
+    store = RetouchDataModule(str(root), num_workers=0).store()
+    assert store.path.is_relative_to(tmp_path / "xdg" / "octlightning" / "retouch")
+    assert tree(root) == before  # today's code wrote <root>/.octlightning-cache into a writable dataset
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert RetouchDataModule(str(root)).cache_dir.is_relative_to(tmp_path / "home" / ".cache" / "octlightning")
+
+
+def test_published_recipe_runs_on_the_challenge_layout_and_predictions_keep_the_scan_geometry(tmp_path, monkeypatch):
+    """check-data, a one-step fit and predict through the command, published hparams, only the root changed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = write_challenge_layout(tmp_path / "RETOUCH")
+    for path in sorted(root.rglob("*"), reverse=True):  # a shared, read-only dataset folder
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    root.chmod(0o555)
+    before = tree(root)
+    config = ["--config", str(REPO / "hparams" / "retouch_unet.json"), "--data.init_args.root", str(root)]
+    trainer = [*CPU_TRAINER, "--trainer.default_root_dir", str(tmp_path / "runs"), "--comet", "false"]
+
+    out = run_octlightning(["check-data", *config]).stdout
+    assert "RetouchDataModule" in out and "OK" in out
+    # validation and test: one case of each vendor, 4 B-scans each
+    assert "val: 12 samples" in out and "test: 12 samples" in out
+
+    run_octlightning(["fit", *config, *trainer, "--trainer.max_steps", "1"])
+    (ckpt,) = (tmp_path / "runs").rglob("last.ckpt")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 1
+
+    run_octlightning(["predict", *config, *trainer, "--ckpt_path", str(ckpt)])
+    (written,) = (tmp_path / "runs").rglob("prediction.mhd")  # the case without reference only
+    assert written.parent.name == "TEST029"
+    source = sitk.ReadImage(str(root.joinpath(*TEST_CASE, "oct.mhd")))
+    predicted = sitk.ReadImage(str(written))
+    assert predicted.GetSize() == source.GetSize()
+    assert predicted.GetSpacing() == pytest.approx(source.GetSpacing())
+    # today's writer kept the spacing only: origin (0, 0, 0) and identity direction misplace the overlay
+    assert predicted.GetOrigin() == pytest.approx(ORIGIN)
+    assert predicted.GetDirection() == pytest.approx(DIRECTION)
+    assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2, 3}
+    assert tree(root) == before  # nothing written into the dataset folder
+    assert any((tmp_path / "xdg" / "octlightning" / "retouch").iterdir())
+
+
+def test_published_hparams_name_no_case_or_vendor_of_the_shared_sample():
+    for name in ("retouch_unet.json", "retouch_adversarial.json"):
+        data = json.loads((REPO / "hparams" / name).read_text())["data"]["init_args"]
+        text = json.dumps(data)
+        assert "DUKE" not in text and "vendor" not in data and "val_cases" not in data, name
