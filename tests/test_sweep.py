@@ -20,7 +20,7 @@ from octlightning.sweep import launch, main
 from octlightning.sweep.launch import read_status, write_status
 from octlightning.sweep.local import local_hardware
 from octlightning.sweep.slurm import slurm_hardware
-from octlightning.sweep.spec import SweepError, expand, cli_parser, load_sweep, validate
+from octlightning.sweep.spec import SweepError, cli_parser, expand, load_sweep, validate
 from tests.conftest import REPO, TINY_VESSEL
 
 CONFIG = str(REPO / "hparams" / "vessel_unet.json")

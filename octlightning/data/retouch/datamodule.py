@@ -92,7 +92,10 @@ class RetouchDataModule(BaseDataModule):
         augment: bool = True,
         pad_to: int = 16,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, seed, eval_batch_size)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
+            in_channels, cache_mb,
+        )  # fmt: skip
         self.save_hyperparameters()
         if histogram_reference is not None and histogram_reference not in VENDORS:
             raise ValueError(f"histogram_reference must be one of {VENDORS} or null, got {histogram_reference!r}")
@@ -111,19 +114,14 @@ class RetouchDataModule(BaseDataModule):
             raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels}")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(Path(root))
         self.vendor = canonical_vendor(vendor, "vendor option") if vendor else None
-        self._in_channels = in_channels
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         self.positive_fraction = positive_fraction
         self.balance_fluids = balance_fluids
         self.patches_per_epoch = patches_per_epoch
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
         self.val_cases = val_cases
         self.test_cases = test_cases
         self.augment = augment
         self.pad_to = pad_to
-        self.predict_dir = predict_dir
-        self.cache_mb = cache_mb
         self.cache = SampleCache(cache_mb)
         self._store: VolumeStore | None = None
         self._predict_store: VolumeStore | None = None
@@ -138,11 +136,6 @@ class RetouchDataModule(BaseDataModule):
     def class_names(self) -> list[str]:
         """Foreground class names in label order (label k is ``class_names[k - 1]``)."""
         return list(FLUIDS)
-
-    @property
-    def in_channels(self) -> int:
-        """Network input channels (1, or 3 for the grey B-scan repeated)."""
-        return self._in_channels
 
     # ----------------------------------------------------------------- cache
     def cases(self, root: str | None = None) -> list[RetouchCase]:
