@@ -96,7 +96,7 @@ def test_isic_layout_resizes_every_mask_kind_to_binary_and_keeps_the_original_si
     for s in samples:
         n = int(s["id"][-1]) - 1
         assert s["image"].shape == (3, 32, 40) and s["mask"].shape == (1, 32, 40)
-        assert s["orig_size"].tolist() == list(TRAIN_SIZES[n])
+        assert s["file_size"].tolist() == list(TRAIN_SIZES[n])
         # 1-bit, 0/1, 0/255 and palette masks all give the lesion as {0, 1}, about its true area
         assert set(s["mask"].unique().tolist()) == {0.0, 1.0}, MASK_KINDS[n % 4]
         lesion = s["mask"][0].bool()
@@ -104,7 +104,7 @@ def test_isic_layout_resizes_every_mask_kind_to_binary_and_keeps_the_original_si
     # ImageNet normalisation: the bright skin is above the ImageNet mean in the red channel
     assert samples[0]["image"][0].max() > 0.5
     batch = next(iter(dm.val_dataloader()))
-    assert batch["orig_size"].shape == (2, 2) and batch["image"].shape == (2, 3, 32, 40)
+    assert batch["file_size"].shape == (2, 2) and batch["image"].shape == (2, 3, 32, 40)
 
 
 def test_split_is_seeded_and_folders_win_over_fractions(isic_root, tmp_path):
@@ -189,7 +189,7 @@ def test_predict_dir_takes_any_image_type(isic_root, tmp_path):
     dm = _dm(isic_root, predict_dir=str(tmp_path))
     dm.setup("predict")
     sample = dm.predict_set[0]
-    assert sample["id"] == "photo" and sample["orig_size"].tolist() == [20, 30] and "mask" not in sample
+    assert sample["id"] == "photo" and sample["file_size"].tolist() == [20, 30] and "mask" not in sample
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -328,7 +328,8 @@ def test_fit_test_predict_through_the_cli(config, retouch_root, cache_dir, tmp_p
     if adversarial:  # start the segmenter from a SegmentationTask checkpoint (network under `net.`)
         net_args = json.loads((REPO / "hparams" / config).read_text())["model"]["init_args"]["net"]["init_args"]
         torch.manual_seed(7)
-        net = UNet(**{**net_args, "base_channels": 4, "depth": 2})
+        # channels and classes come from the data (grey B-scans; background + IRF, SRF, PED)
+        net = UNet(**{**net_args, "in_channels": 1, "num_classes": 4, "base_channels": 4, "depth": 2})
         torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "seg.ckpt")
         extra = [
             "--model.init_args.segmentation_checkpoint",

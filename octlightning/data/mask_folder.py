@@ -13,7 +13,7 @@ Other sets need only other names: Kvasir-SEG is ``image_dir="images"``, ``mask_d
 ``mask_pattern="{stem}/{stem}_lesion/{stem}_lesion.bmp"``.
 
 Images of any size are resized to ``image_size`` (ImageNet-normalised); every sample keeps its file's
-``orig_size`` so that predictions are written back at that size. ISIC images are large (up to about
+``file_size`` so that predictions are written back at that size. ISIC images are large (up to about
 6700 x 4500 px) and there are thousands, so :meth:`setup` checks names, pairs and the image headers
 (readable, mask and image of equal size) of every file, and pixels are decoded in the loader workers;
 a mask that is not binary or a truncated file is then an error naming the file.
@@ -148,7 +148,7 @@ def read_mask(path: Path, threshold: int | None = None) -> np.ndarray:
 
 
 class MaskFolderDataset(Dataset):
-    """Pairs -> dict(image (3, H, W) ImageNet-normalised, mask (1, H, W) {0,1}, id, orig_size (2,)).
+    """Pairs -> dict(image (3, H, W) ImageNet-normalised, mask (1, H, W) {0,1}, id, file_size (2,)).
 
     ``mask`` is absent for pairs without a mask (prediction). Decoding happens here, in the workers;
     the decoded, resized pair is kept in ``cache`` (when given) for later epochs.
@@ -193,7 +193,7 @@ class MaskFolderDataset(Dataset):
         sample = {
             "image": image_to_tensor(image, IMAGENET_MEAN, IMAGENET_STD),
             "id": pair.id,
-            "orig_size": torch.tensor(pair.size),
+            "file_size": torch.tensor(pair.size),
         }
         if mask is not None:
             sample["mask"] = mask_to_tensor(mask)

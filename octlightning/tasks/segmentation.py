@@ -256,8 +256,8 @@ class SegmentationTask(BaseTask):
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i]) if "size" in batch else probs.shape[-2:]
             prob, image = probs[i : i + 1, :, :h, :w], batch["image"][i : i + 1, :, :h, :w].float()
-            if "orig_size" in batch:  # inputs were resized: write each at its file's own size
-                size = [int(v) for v in batch["orig_size"][i]]
+            if "file_size" in batch:  # inputs were resized: write each at its file's own size
+                size = [int(v) for v in batch["file_size"][i]]
                 prob = torch.nn.functional.interpolate(prob, size=size, mode="bilinear", align_corners=False)
                 image = torch.nn.functional.interpolate(image, size=size, mode="bilinear", align_corners=False)
             lab = self.labels(prob)[0].cpu().numpy().astype(np.uint8)
