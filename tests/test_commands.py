@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from octlightning.cli import run_cli
 from octlightning.commands import COMMANDS, null_means_none
 from tests.conftest import CPU_TRAINER, REPO, TINY_VESSEL
+from tests.fixtures.mirage import write_mirage_layout
 
 FOUNDATION = str(REPO / "hparams" / "duke_dme_foundation.json")
 VESSEL = str(REPO / "hparams" / "vessel_unet.json")
@@ -55,22 +53,6 @@ def test_null_is_none_at_any_depth_of_the_command_line(capsys):
     assert "weights: null" in printed and "weights: None" not in printed
 
 
-def _mirage_layout(root: Path, names: list[str], values: list[int], size=(32, 48)) -> Path:
-    """A MIRAGE-layout set: INFO.json, train/val/test with two B-scans of one volume each."""
-    rng = np.random.default_rng(0)
-    info = {str(k): {"value": v, "label": n} for k, (n, v) in enumerate(zip(names, values, strict=True))}
-    root.mkdir(parents=True)
-    (root / "INFO.json").write_text(json.dumps(info))
-    h, w = size
-    for split in ("train", "val", "test"):
-        for sub in ("bscan", "semseg"):
-            (root / split / sub).mkdir(parents=True)
-        for i in range(2):
-            name = f"{split}vol_{i:03d}.png"
-            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / split / "bscan" / name)
-            rows = np.repeat(np.linspace(0, len(values) - 1e-6, h).astype(int)[:, None], w, axis=1)
-            Image.fromarray(np.asarray(values, dtype=np.uint8)[rows]).save(root / split / "semseg" / name)
-    return root
 
 
 FOUNDATION_TINY = [
@@ -88,7 +70,7 @@ FOUNDATION_TINY = [
 
 def test_class_count_and_names_come_from_the_data(tmp_path):
     """A 4-class MIRAGE dataset on the foundation recipe gives a 4-class model named after INFO.json."""
-    root = _mirage_layout(tmp_path / "four", ["Background", "Retina", "Choroid", "Fluid"], [0, 80, 160, 255])
+    root = write_mirage_layout(tmp_path / "four", ["Background", "Retina", "Choroid", "Fluid"], [0, 80, 160, 255])
     args = ["--config", FOUNDATION, "--data.init_args.root", str(root), *FOUNDATION_TINY]
     cli = run_cli(null_means_none(["fit", *args, "--trainer.default_root_dir", str(tmp_path / "runs")]))
     image = cli.datamodule.val_set[0]["image"][None]

@@ -37,6 +37,10 @@ class Sample(TypedDict, total=False):
         slice: ``int``, the B-scan's index in its volume (0-based).
         num_slices: ``int``, B-scans in the volume, to assemble predicted volumes.
         spacing: ``(3,)`` float64, voxel size in mm (x, y, z: MetaImage order) of the source volume.
+        origin: ``(3,)`` float64, the volume's origin in mm (MetaImage ``Offset``), copied to predictions.
+        direction: ``(9,)`` float64, the volume's direction cosines (row-major 3x3), copied to predictions.
+        voxel_mm3: ``float``, the volume of one voxel in mm³ (fluid volumes in the per-volume table).
+        centre: ``(2,)`` int64, row and column of a training patch's centre in its B-scan (patch sampling).
 
     Boundary regression:
         coords: ``(L, W_out)`` float32, rows of the ``L`` boundaries per output column, in
@@ -56,6 +60,10 @@ class Sample(TypedDict, total=False):
     slice: int
     num_slices: int
     spacing: Tensor
+    origin: Tensor
+    direction: Tensor
+    voxel_mm3: float
+    centre: Tensor
     coords: Tensor
     valid: Tensor
     spacing_um: Tensor

@@ -16,64 +16,13 @@ from torch.utils.data import DataLoader
 
 from octlightning.callbacks import FreezeBackbone
 from octlightning.cli import run_cli
-from octlightning.data.mask_folder import ISIC_TEST, ISIC_TRAIN, ISIC_VAL, MaskFolderDataModule
+from octlightning.data.mask_folder import ISIC_TRAIN, ISIC_VAL, MaskFolderDataModule
 from octlightning.errors import DataError
 from octlightning.metrics import confusion_counts, scores_from_counts, thresholded_jaccard
 from octlightning.models.smp_net import SMPNet
 from octlightning.tasks.segmentation import SegmentationTask
 from tests.conftest import CPU_TRAINER, REPO, shared
-
-# (height, width) of the training images: all different, none square, none the network size.
-TRAIN_SIZES = [(40, 52), (48, 36), (45, 45), (37, 61), (52, 44), (41, 50)]
-TEST_SIZES = [(44, 58), (50, 39)]
-# Every way ISIC-like masks are stored; the lesion must survive each as {0, 1}.
-MASK_KINDS = ["L255", "1bit", "L1", "palette"]
-
-
-def _lesion(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """A skin-coloured RGB image with a darker elliptic lesion, and the lesion mask (bool)."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    cy, cx = h * rng.uniform(0.4, 0.6), w * rng.uniform(0.4, 0.6)
-    ry, rx = h * rng.uniform(0.2, 0.35), w * rng.uniform(0.2, 0.35)
-    lesion = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-    image = np.stack([np.full((h, w), 200.0), np.full((h, w), 150.0), np.full((h, w), 130.0)], -1)
-    image[lesion] *= 0.45
-    image += rng.normal(0, 5, image.shape)
-    return image.clip(0, 255).astype(np.uint8), lesion
-
-
-def _save_mask(lesion: np.ndarray, path: Path, kind: str) -> None:
-    if kind == "L255":
-        Image.fromarray(lesion.astype(np.uint8) * 255).save(path)
-    elif kind == "1bit":
-        Image.fromarray(lesion).convert("1").save(path)
-    elif kind == "L1":
-        Image.fromarray(lesion.astype(np.uint8)).save(path)
-    elif kind == "palette":
-        im = Image.fromarray(lesion.astype(np.uint8), mode="L").convert("P")
-        im.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
-        im.save(path)
-
-
-def write_isic_layout(root: Path, with_val: bool = False, with_test: bool = True, seed: int = 0) -> Path:
-    """The ISIC 2018 Task 1 download in miniature: jpg inputs, ``<id>_segmentation.png`` masks,
-    the LICENSE/ATTRIBUTION texts ISIC ships in every folder."""
-    rng = np.random.default_rng(seed)
-    parts = [(ISIC_TRAIN, TRAIN_SIZES, 1)]
-    if with_val:
-        parts.append((ISIC_VAL, TEST_SIZES, 100))
-    if with_test:
-        parts.append((ISIC_TEST, TEST_SIZES, 200))
-    for (image_dir, mask_dir), sizes, first in parts:
-        for folder in (image_dir, mask_dir):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            (root / folder / "LICENSE.txt").write_text("CC-BY-NC\n")
-        for n, (h, w) in enumerate(sizes):
-            sid = f"ISIC_{first + n:07d}"
-            image, lesion = _lesion(rng, h, w)
-            Image.fromarray(image).save(root / image_dir / f"{sid}.jpg", quality=95)
-            _save_mask(lesion, root / mask_dir / f"{sid}_segmentation.png", MASK_KINDS[n % len(MASK_KINDS)])
-    return root
+from tests.fixtures.isic import MASK_KINDS, TEST_SIZES, TRAIN_SIZES, lesion_image, write_isic_layout
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +95,7 @@ def test_other_naming_by_glob_and_pattern_kvasir_style(tmp_path):
     for sub in ("images", "masks"):
         (tmp_path / sub).mkdir()
     for i, (h, w) in enumerate([(30, 40), (36, 30), (33, 33)]):
-        image, lesion = _lesion(rng, h, w)
+        image, lesion = lesion_image(rng, h, w)
         Image.fromarray(image).save(tmp_path / "images" / f"case{i}.jpg")
         Image.fromarray(lesion.astype(np.uint8) * 255).save(tmp_path / "masks" / f"case{i}.jpg", quality=75)
     kw = dict(image_dir="images", mask_dir="masks", mask_pattern="{stem}.jpg", val_fraction=0.34)
@@ -165,7 +114,7 @@ def test_ph2_as_distributed_nested_folders_with_one_pattern(tmp_path):
     rng = np.random.default_rng(4)
     base = tmp_path / "PH2 Dataset images"
     for case in ("IMD002", "IMD003", "IMD004"):
-        image, lesion = _lesion(rng, 30, 40)
+        image, lesion = lesion_image(rng, 30, 40)
         for sub in ("Dermoscopic_Image", "lesion", "roi"):
             (base / case / f"{case}_{sub}").mkdir(parents=True)
         Image.fromarray(image).save(base / case / f"{case}_Dermoscopic_Image" / f"{case}.bmp")

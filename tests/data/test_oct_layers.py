@@ -15,7 +15,6 @@ from torch import nn
 
 from octlightning.cli import run_cli
 from octlightning.data.coords import interpolate_gaps, resample_columns, rescale_rows
-from octlightning.data.formats import layer_h5
 from octlightning.data.oct_layers import LayerAugmentation, OCTLayerDataModule
 from octlightning.data.transforms import SeededTransform
 from octlightning.errors import DataError
@@ -23,41 +22,13 @@ from octlightning.metrics import BoundaryError
 from octlightning.models.layer_regression import SegFormerLayerRegressor
 from octlightning.tasks.layer_regression import LayerRegressionTask
 from tests.conftest import CPU_TRAINER, REPO, shared
+from tests.fixtures.oct_layers import EMPTY, H, L, N, W, boundary_rows, write_layer_file
 
-H, W, N, L = 48, 40, 12, 3
-EMPTY = 5  # a B-scan whose chosen boundaries are all NaN
 TINY_SEGFORMER = '{"hidden_sizes": [8, 8, 16, 16], "depths": [1, 1, 1, 1], "num_attention_heads": [1, 1, 1, 1]}'
 
 
-def boundary_rows(n: int) -> np.ndarray:
-    """``(W, L)`` rows: straight, sloped lines (linear, so resampling them is exact between columns)."""
-    x = np.arange(W)
-    return np.stack([8 + n % 3 + 12 * k + 0.15 * x for k in range(L)], axis=1)
 
 
-def write_layer_file(path: Path, **overrides) -> Path:
-    """12 B-scans of 4 subjects, Duke-style: NaN outside the annotated columns, an interior gap, fluid.
-
-    The band between boundaries 0 and 1 is bright, so registration of image and rows can be checked.
-    """
-    images = np.full((N, H, W), 20, np.uint8)
-    maps = np.empty((N, W, L), np.float32)
-    for n in range(N):
-        maps[n] = boundary_rows(n)
-        for x in range(W):
-            images[n, int(np.ceil(maps[n, x, 0])) : int(maps[n, x, 1]) + 1, x] = 220
-    maps[:, :3] = np.nan  # outside the annotated columns
-    maps[:, 20:23, 1] = np.nan  # hidden by fluid
-    maps[EMPTY, :, [0, 2]] = np.nan
-    data = {
-        "images": images,
-        "layer_maps": maps,
-        "subject": np.repeat(np.arange(1, 5), 3).astype(np.int16),
-        "fluid_masks": np.zeros((N, H, W), np.uint8),
-    }
-    data.update(overrides)
-    known = {k: data.pop(k) for k in ("images", "layer_maps", "subject", "fluid_masks")}
-    return layer_h5.write_layer_file(path, **known, pixel_spacing_um=3.87, extra=data)
 
 
 @pytest.fixture(scope="module")

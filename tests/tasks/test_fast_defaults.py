@@ -97,7 +97,7 @@ def test_sample_cache_keeps_what_fits_the_budget_read_only():
 def test_training_images_are_decoded_once_and_still_augmented_every_epoch(
     tmp_path, monkeypatch, cache_mb, decodes_per_epoch
 ):
-    from tests.test_isic import write_isic_layout
+    from tests.fixtures.isic import write_isic_layout
 
     root = write_isic_layout(tmp_path, with_test=False)
     dm = MaskFolderDataModule(

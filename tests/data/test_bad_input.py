@@ -31,14 +31,13 @@ from octlightning.data.oct_semseg import OCTSemSegDataModule
 from octlightning.data.retouch import RetouchDataModule
 from octlightning.errors import DataError
 from tests.conftest import REPO, TINY_VESSEL
-from tests.test_foundation import write_oct_h5
-from tests.test_isic import write_isic_layout
-from tests.test_oct_layers import H as LAYER_H
-from tests.test_oct_layers import L as LAYER_L
-from tests.test_oct_layers import N as LAYER_N
-from tests.test_oct_layers import W as LAYER_W
-from tests.test_oct_layers import write_layer_file
-from tests.test_retouch import synthetic_case, write_mhd
+from tests.fixtures.isic import write_isic_layout
+from tests.fixtures.oct_layers import H as LAYER_H
+from tests.fixtures.oct_layers import L as LAYER_L
+from tests.fixtures.oct_layers import N as LAYER_N
+from tests.fixtures.oct_layers import W as LAYER_W
+from tests.fixtures.oct_layers import write_layer_file, write_oct_h5
+from tests.fixtures.retouch import synthetic_case, write_mhd
 
 # A corruption gets the copy of the valid dataset and returns (root to load, extra DataModule
 # arguments, substrings the error message must contain).

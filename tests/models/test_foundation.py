@@ -19,8 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from octlightning.checkpoints import UnsafeCheckpointError
 from octlightning.cli import run_cli
 from octlightning.conversion import main as convert_main
-from octlightning.conversion.h5_to_mirage import DUKE_BOUNDARIES, IGNORE_VALUE, convert_h5, layer_class_map
-from octlightning.data.formats.layer_h5 import write_layer_file
+from octlightning.conversion.h5_to_mirage import IGNORE_VALUE, convert_h5, layer_class_map
 from octlightning.data.formats.mirage import read_info, read_value_mask, write_info
 from octlightning.data.oct_semseg import OCTSemSegDataModule
 from octlightning.errors import DataError
@@ -30,37 +29,12 @@ from octlightning.metrics import hausdorff_percentile, hd95_per_class
 from octlightning.models.foundation import FoundationSegNet
 from octlightning.tasks.segmentation import SegmentationTask
 from tests.conftest import REPO, shared
+from tests.fixtures.oct_layers import write_oct_h5
 
 CONFIG = str(REPO / "hparams" / "duke_dme_foundation.json")
 H, W = 32, 40
 
 
-# --------------------------------------------------------------------------- fixtures
-def write_oct_h5(path: Path, subjects=(1, 2, 3, 4, 5), per_subject: int = 2, seed: int = 0) -> Path:
-    """A tiny HDF5 OCT file in the shared Duke format: 8 boundaries, NaN columns, fluid blobs."""
-    rng = np.random.default_rng(seed)
-    n = len(subjects) * per_subject
-    base = np.array([4, 7, 10, 13, 16, 19, 23, 27], dtype=np.float32)
-    layers = np.empty((n, W, 8), dtype=np.float32)
-    images = np.empty((n, H, W), dtype=np.uint8)
-    fluid = np.zeros((n, H, W), dtype=np.uint8)
-    for i in range(n):
-        shift = np.round(np.sin(np.linspace(0, np.pi, W) + i) * 1.0)
-        layers[i] = base[None, :] + shift[:, None]
-        layers[i, :3] = np.nan  # outside the annotated columns
-        layers[i, 20, 4] = np.nan  # a boundary hidden by fluid
-        fluid[i, 14:18, 18:23] = 1
-        labels = (layers[i][None] <= np.arange(H).reshape(H, 1, 1)).sum(-1)
-        images[i] = np.clip(40 + 20 * labels + rng.normal(0, 5, (H, W)), 0, 255).astype(np.uint8)
-    return write_layer_file(
-        path,
-        images,
-        layers,
-        fluid_masks=fluid,
-        subject=np.repeat(np.asarray(subjects, dtype=np.int16), per_subject),
-        bscan_index=np.tile(np.arange(per_subject, dtype=np.int16) * 5 + 10, len(subjects)),
-        boundary_names=DUKE_BOUNDARIES,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -20,49 +20,25 @@ from octlightning.inference import sliding_window, tile_starts
 from octlightning.models.discriminator import PairDiscriminator
 from octlightning.models.unet import UNet
 from tests.conftest import CPU_TRAINER, REPO, run_octlightning, shared
+from tests.fixtures.retouch import (
+    CHALLENGE_CASES,
+    DIRECTION,
+    ORIGIN,
+    SPACING,
+    TEST_CASE,
+    synthetic_case,
+    write_challenge_layout,
+    write_mhd,
+    write_retouch_layout,
+)
 
-SHAPE = (4, 64, 48)  # slices, rows, columns
-SPACING = (0.0117, 0.0039, 0.047)  # x, y, z in mm (MetaImage order)
 PATCH = [32, 32]  # height, width
 
 
-def write_mhd(array: np.ndarray, path: Path, spacing=SPACING, compress: bool = False) -> None:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=compress)
 
 
-def synthetic_case(rng: np.random.Generator, sixteen_bit: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A B-scan stack with a textured retina band (rows 18-50) and IRF, SRF and PED pockets."""
-    z, h, w = SHAPE
-    image = rng.normal(12, 6, SHAPE)
-    rows = np.arange(h)[None, :, None]
-    image += np.where((rows >= 18) & (rows < 50), 110 + 50 * np.sin(rows / 2.0) + rng.normal(0, 15, SHAPE), 0)
-    labels = np.zeros(SHAPE, np.uint8)
-    labels[1, 24:30, 10:18] = 1  # IRF
-    labels[1, 40:44, 26:38] = 2  # SRF
-    labels[2, 44:49, 14:24] = 3  # PED
-    labels[2, 26:31, 30:36] = 1
-    image[labels > 0] = rng.normal(20, 5, int((labels > 0).sum()))  # fluid is dark
-    image = np.clip(image, 0, 255)
-    return (image * 180).astype(np.uint16) if sixteen_bit else image.astype(np.uint8), labels
 
 
-def write_retouch_layout(root: Path, seed: int = 0) -> Path:
-    """The challenge layout: vendor sets with 3 labelled cases each, one test case without reference."""
-    rng = np.random.default_rng(seed)
-    n = 0
-    for vendor, compress in (("Cirrus", False), ("Spectralis", True)):
-        for _ in range(3):
-            n += 1
-            image, labels = synthetic_case(rng, sixteen_bit=vendor == "Spectralis")
-            folder = root / f"RETOUCH-TrainingSet-{vendor}" / f"TRAIN{n:03d}"
-            write_mhd(image, folder / "oct.mhd", compress=compress)
-            write_mhd(labels, folder / "reference.mhd", compress=compress)
-    image, _ = synthetic_case(rng, sixteen_bit=False)
-    write_mhd(image, root / "RETOUCH-TestSet-Cirrus" / "TEST001" / "oct.mhd")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -406,41 +382,10 @@ def test_shared_retouch_layout_loads(tmp_path):
     assert patch["mask"].max() == 1
 
 
-# --------------------------------------------------------------------------- the challenge layout as distributed
-# One archive per vendor and set: RETOUCH-TrainingSet-<Vendor>/TRAINnnn/{oct,reference}.{mhd,raw} (Cirrus and
-# Topcon 8-bit, Spectralis 16-bit), RETOUCH-TestSet-<Vendor>/TESTnnn/oct.{mhd,raw}; an archive may extract into
-# a folder of its own (TrainingSpectralis/RETOUCH-TrainingSet-Spectralis/...). Case numbers as in the challenge.
-CHALLENGE_CASES = {
-    "RETOUCH-TrainingSet-Cirrus": ("TRAIN001", "TRAIN002", "TRAIN003"),
-    "TrainingSpectralis/RETOUCH-TrainingSet-Spectralis": ("TRAIN025", "TRAIN026", "TRAIN027"),
-    "RETOUCH-TrainingSet-Topcon": ("TRAIN049", "TRAIN050", "TRAIN051"),
-}
-TEST_CASE = ("RETOUCH-TestSet-Topcon", "TEST029")
-# A scan placed and oriented in space: a prediction must carry all of it to overlay the scan.
-ORIGIN = (1.5, -2.25, 30.0)
-DIRECTION = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 
 
-def write_volume(array: np.ndarray, path: Path, origin=(0.0, 0.0, 0.0), direction=None) -> None:
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(SPACING)
-    image.SetOrigin(origin)
-    if direction is not None:
-        image.SetDirection(direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=False)
 
 
-def write_challenge_layout(root: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for vendor_set, cases in CHALLENGE_CASES.items():
-        for case in cases:
-            image, labels = synthetic_case(rng, sixteen_bit="Spectralis" in vendor_set)
-            write_volume(image, root / vendor_set / case / "oct.mhd", ORIGIN, DIRECTION)
-            write_volume(labels, root / vendor_set / case / "reference.mhd", ORIGIN, DIRECTION)
-    image, _ = synthetic_case(rng, sixteen_bit=False)
-    write_volume(image, root.joinpath(*TEST_CASE, "oct.mhd"), ORIGIN, DIRECTION)
-    return root
 
 
 def tree(root: Path) -> list[tuple[str, int]]:
