@@ -112,11 +112,14 @@ def test_subject_split_is_seeded_disjoint_and_excludes_unannotated_scans(h5file)
     assert all((again.splits[k] == dm.splits[k]).all() for k in dm.splits)
 
 
-def test_without_subjects_the_split_is_by_bscan(tmp_path):
+def test_without_subjects_splitting_by_bscan_is_an_explicit_choice(tmp_path):
     path = write_layer_file(tmp_path / "nosubj.h5", subject=None)
-    dm = _dm(path, val_fraction=0.2, test_fraction=2)
-    with pytest.warns(UserWarning, match="splitting by B-scan"):
-        dm.setup("fit")
+    # today's code warned and split by B-scan: one eye in training and test, every metric inflated
+    listed = r"nosubj.h5.*no subject dataset 'subject'.*'images'.*'layer_maps'.*subject_key.*split_by: bscan"
+    with pytest.raises(DataError, match=listed):
+        _dm(path, val_fraction=0.2, test_fraction=2).setup("fit")
+    dm = _dm(path, val_fraction=0.2, test_fraction=2, split_by="bscan")
+    dm.setup("fit")
     assert (len(dm.splits["val"]), len(dm.splits["test"])) == (2, 2)
 
 
@@ -189,8 +192,8 @@ def test_horizontal_flip_reverses_columns_and_round_trips(h5file):
         ({"layer_maps": None}, {}, "no dataset 'layer_maps'"),
         ({"images": np.zeros((N, H), np.uint8)}, {}, r"'images' has shape \(12, 48\)"),
         ({"layer_maps": np.zeros((N, W, L, 1), np.float32)}, {}, "'layer_maps'.*3 dimensions"),
-        ({"layer_maps": np.full((N, L, W), 10, np.float32)}, {}, r"stored as \(N, L, W\)"),
-        ({"layer_maps": np.full((N - 1, W, L), 10, np.float32)}, {}, "12 B-scans but 'layer_maps' holds 11"),
+        ({"layer_maps": np.full((N, L, W), 10, np.float32)}, {}, "widths.*fit image_axes: NHW, layer_axes: NLW"),
+        ({"layer_maps": np.full((N - 1, W, L), 10, np.float32)}, {}, r"\(N=12.*\(N=11.*numbers of B-scans"),
         ({}, {"layer_indices": [0, 3]}, r"layer_indices \[0, 3\] out of range.*3 boundaries"),
         ({"layer_maps": np.full((N, W, L), np.nan, np.float32)}, {}, "'layer_maps' are all NaN"),
         ({"layer_maps": np.full((N, W, L), np.inf, np.float32)}, {}, r"'layer_maps'\[0\] holds infinite"),
