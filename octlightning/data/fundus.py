@@ -266,7 +266,7 @@ class FundusVesselDataModule(BaseDataModule):
         test_fraction: must stay 0: every fundus layout brings its own test split.
         in_channels: 3 (RGB) or 1 (the green channel alone, the best vessel contrast).
         cache_mb: not used: fundus sets (20-100 images) are decoded once in ``setup`` and kept whole.
-        test_dir: another fundus dataset (any layout, detected) whose every annotated image ``test``
+        test_dir: another fundus dataset (any layout, always detected) whose every annotated image ``test``
             scores (its training and test parts); ``None`` tests ``root``'s test split.
         layout: ``None`` (default) recognises the layout by its folder and file names and says which
             it found; or ``drive`` (published DRIVE layout), ``chase`` (CHASE_DB1 flat folder,
@@ -329,6 +329,7 @@ class FundusVesselDataModule(BaseDataModule):
         self.augment = augment
         self.pad_to = pad_to
         self._train_records: list[FundusRecord] | None = None
+        self._detected: dict[Path, Layout] = {}  # said once per folder
 
     num_classes = 1  # binary: one vessel logit
     class_names = ["vessel"]
@@ -337,9 +338,13 @@ class FundusVesselDataModule(BaseDataModule):
         """``layout`` when given, else the one :func:`detect_layout` finds (said in one log line)."""
         if self.layout is not None:
             return self.layout
-        found = detect_layout(root)
-        rank_zero_info(f"FundusVesselDataModule: {root} has the {found} layout (detected; set layout to override)")
-        return found
+        return self._detect(root)
+
+    def _detect(self, root: Path) -> Layout:
+        if root not in self._detected:
+            self._detected[root] = found = detect_layout(root)
+            rank_zero_info(f"FundusVesselDataModule: {root} has the {found} layout (detected; set layout to override)")
+        return self._detected[root]
 
     def _records(self, root: Path, layout: Layout, files) -> list[FundusRecord]:
         threshold = self.mask_threshold if self.mask_threshold is not None else LAYOUT_MASK_THRESHOLD.get(layout)
@@ -376,9 +381,9 @@ class FundusVesselDataModule(BaseDataModule):
         if stage == "test":
             if self.test_dir is not None:
                 root = Path(self.test_dir)
-                layout = detect_layout(root) if self.layout is None else self.layout
-                rank_zero_info(f"FundusVesselDataModule: testing on every annotated image of {root} ({layout} layout)")
+                layout = self._detect(root)  # ``layout`` names root's layout; a held-out set may have another
                 files = labelled_fundus_files(root, layout)
+                rank_zero_info(f"FundusVesselDataModule: testing on all {len(files)} annotated images of {root}")
             else:
                 root = Path(self.root)
                 layout = self.resolve_layout(root)
