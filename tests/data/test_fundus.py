@@ -185,7 +185,7 @@ def test_chase_validation_keeps_both_eyes_of_a_child_in_one_split(tmp_path):
 
     root = write_chase_layout(tmp_path / "CHASEDB1", children=(1, 2, 3, 4, 5, 6, 11))
     for seed in range(6):
-        dm = _dm(root, seed=seed, val_fraction=0.34, augment=False)
+        dm = _dm(root, layout="chase", seed=seed, val_fraction=0.34, augment=False)
         dm.setup("fit")
         train = {r.id[6:8] for r in dm.train_set.records}
         val = {r.id[6:8] for r in dm.val_set.records}
