@@ -85,15 +85,17 @@ device-check:
 # The venv is cached outside the repo in $(REHEARSAL); delete it to rebuild.
 PY312     ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
 REHEARSAL ?= $(HOME)/.cache/octlightning-rehearsal
-# Versions read off the device image (device tool's KINDS.md, 2026-11); timm's is not recorded there.
+# Versions read off the device image (device tool's KINDS.md, 2026-11; timm's is not recorded there),
+# and the image's packages that the kit's wheels need (comet-ml imports wrapt and simplejson).
 IMAGE_PKGS = torch==2.11.0 torchvision==0.26.0 lightning==2.6.6 pytorch-lightning==2.6.6 torchmetrics==1.9.0 \
 	transformers==5.17.0 huggingface_hub==1.33.0 safetensors==0.8.0 tokenizers==0.23.2 numpy==2.5.2 timm \
-	h5py pillow scipy opencv-python-headless scikit-image pandas matplotlib pyyaml psutil rich requests
+	h5py pillow scipy opencv-python-headless scikit-image pandas matplotlib pyyaml psutil rich requests \
+	wrapt simplejson attrs certifi urllib3 setuptools
 REHEARSAL_ENV = PATH=$(REHEARSAL)/venv/bin:$$PATH
 
-$(REHEARSAL)/venv/.installed:
+$(REHEARSAL)/venv/.installed: Makefile
 	@test -n "$(PY312)" || { echo "device-rehearsal needs python3.12 (set PY312=/path/to/python3.12)"; exit 1; }
-	rm -rf $(REHEARSAL)/venv && $(PY312) -m venv $(REHEARSAL)/venv
+	test -x $(REHEARSAL)/venv/bin/python || $(PY312) -m venv $(REHEARSAL)/venv
 	$(REHEARSAL)/venv/bin/pip install -q $(IMAGE_PKGS)
 	@! $(REHEARSAL)/venv/bin/python -c "import SimpleITK" 2>/dev/null || { echo "SimpleITK must be absent, as on the device image"; exit 1; }
 	touch $@
