@@ -563,8 +563,9 @@ def main() -> None:
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=float, default=60.0, help=argparse.SUPPRESS)  # the part's own limit
     args = parser.parse_args()
-    args.work = args.work or str(REPO / "runs" / "device-check-work")
-    args.data = str(Path(args.data).resolve())
+    # Absolute paths: the parts run with the repository as their working directory.
+    args.work = str(Path(args.work or REPO / "runs" / "device-check-work").resolve())
+    args.out, args.data = str(Path(args.out).resolve()), str(Path(args.data).resolve())
     if args.part:
         sys.path.insert(0, str(REPO))
         args.failed = False
