@@ -57,7 +57,7 @@ GPU_BUDGETS = {"env": 60, "bench:vessel": 60, "bench:ISIC": 60, "bench:SegFormer
                "bench:RETOUCH": 50, "oct": 90, "vessel": 230}  # fmt: skip
 GPU_TOTAL = 510
 # The CPU rehearsal (2 shared cores, tiny networks): generous limits, it only has to finish (each part
-# took 25-150 s on the loaded 2-core machine, about 11 minutes in all).
+# took 10-160 s on the loaded 2-core machine, 8 to 11 minutes in all).
 TINY_BUDGETS = {"env": 240, "bench:vessel": 300, "bench:ISIC": 300, "bench:SegFormer": 300, "bench:MIRAGE": 300,
                 "bench:RETOUCH": 300, "oct": 180, "vessel": 180}  # fmt: skip
 TINY_TOTAL = 2400
