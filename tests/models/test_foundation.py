@@ -32,9 +32,8 @@ from tests.conftest import REPO, shared
 from tests.fixtures.oct_layers import write_oct_h5
 
 CONFIG = str(REPO / "hparams" / "duke_dme_foundation.json")
-H, W = 32, 40
-
-
+from tests.fixtures.oct_layers import DUKE_H as H  # noqa: E402
+from tests.fixtures.oct_layers import DUKE_W as W  # noqa: E402
 
 
 @pytest.fixture(scope="module")
