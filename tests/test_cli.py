@@ -102,7 +102,7 @@ def test_predict_writes_masks_at_original_size_and_overlays(trained_run, drive_r
     )
     out = Path(cli.trainer.log_dir) / "predictions"
     assert not cli.trainer.predict_loop.return_predictions  # written to disk, not also kept in memory
-    for sid in ("01", "02"):
+    for sid in ("01_test", "02_test"):  # the input files' stems (test/images/01_test.tif)
         for kind in ("prob", "mask", "overlay"):
             im = Image.open(out / f"{sid}_{kind}.png")
             assert im.size == (72, 64), (sid, kind)
