@@ -248,6 +248,7 @@ class FundusDataset(Dataset):
             "image": tensor,
             "fov": mask_to_tensor(fov),
             "id": rec.id,
+            "stem": rec.image_path.stem,  # DRIVE's id is the image number: predictions take the file's name
             "size": torch.tensor(image.shape[:2]),
         }
         if rec.vessels is not None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
 
 from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
 from octlightning.data.io import (
@@ -128,11 +129,22 @@ def scan_pairs(
     return pairs
 
 
+def collate_file_masks(samples: list[dict]) -> dict:
+    """``default_collate``, except ``file_mask``: masks of different file sizes stay a list of tensors."""
+    masks = [s.pop("file_mask") for s in samples if "file_mask" in s]
+    batch = default_collate(samples)
+    if masks:
+        batch["file_mask"] = masks
+    return batch
+
+
 class MaskFolderDataset(Dataset):
     """Pairs -> dict(image (3, H, W) ImageNet-normalised, mask (1, H, W) {0,1}, id, file_size (2,)).
 
-    ``mask`` is absent for pairs without a mask (prediction). Decoding happens here, in the workers;
-    the decoded, resized pair is kept in ``cache`` (when given) for later epochs.
+    ``mask`` is absent for pairs without a mask (prediction). With ``file_masks`` (the test set) each
+    sample also carries ``file_mask``, the reference as stored, ``(1, *file_size)`` uint8, which the
+    test scores are computed against (the ISIC protocol). Decoding happens here, in the workers; the
+    decoded, resized pair is kept in ``cache`` (when given) for later epochs.
     """
 
     def __init__(
@@ -142,8 +154,10 @@ class MaskFolderDataset(Dataset):
         transform: SeededTransform | None = None,
         mask_threshold: int | None = None,
         cache: SampleCache | None = None,
+        file_masks: bool = False,
     ) -> None:
         self.pairs = pairs
+        self.file_masks = file_masks
         self.image_size = image_size
         self.transform = transform
         self.mask_threshold = mask_threshold
@@ -152,22 +166,27 @@ class MaskFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def decode(self, pair: MaskPair) -> tuple[np.ndarray, np.ndarray | None]:
-        """The pair decoded and resized to ``image_size``: uint8 RGB image, uint8 {0, 1} mask or None."""
+    def decode(self, pair: MaskPair) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The pair decoded and resized to ``image_size``: uint8 RGB image, uint8 {0, 1} mask or None,
+        and the mask at the file's size (uint8 {0, 1}) or None."""
         h, w = self.image_size
         image = read_image(pair.image, "RGB")
         # Area averaging when shrinking (large dermoscopy photos), bilinear when enlarging.
         shrink = image.shape[0] * image.shape[1] > h * w
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        mask = None
+        mask = file_mask = None
         if pair.mask is not None:
-            mask = cv2.resize(read_mask(pair.mask, self.mask_threshold), (w, h), interpolation=cv2.INTER_NEAREST)
-        return image, mask
+            file_mask = read_mask(pair.mask, self.mask_threshold)
+            mask = cv2.resize(file_mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        return image, mask, file_mask
 
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
         key = (str(pair.image), str(pair.mask), self.image_size)
-        image, mask = cached(self.cache, key, lambda: self.decode(pair))
+        if self.file_masks:  # the test set: read once, nothing to cache
+            image, mask, file_mask = self.decode(pair)
+        else:  # the cache keeps the resized pair only
+            image, mask, file_mask = cached(self.cache, key, lambda: self.decode(pair)[:2] + (None,))
         if self.transform is not None and mask is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -178,6 +197,8 @@ class MaskFolderDataset(Dataset):
         }
         if mask is not None:
             sample["mask"] = mask_to_tensor(mask)
+        if self.file_masks and file_mask is not None:
+            sample["file_mask"] = torch.from_numpy(np.ascontiguousarray(file_mask)).unsqueeze(0)
         return sample
 
 
@@ -328,6 +349,9 @@ class MaskFolderDataModule(BaseDataModule):
         return pairs
 
     # ----------------------------------------------------------------- Lightning hooks
+    def collate_fn(self, train: bool):
+        return None if train else collate_file_masks
+
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
             split = self.splits()
@@ -344,7 +368,7 @@ class MaskFolderDataModule(BaseDataModule):
         if stage == "test":
             # Test and predict read each image once: nothing to gain from keeping them.
             pairs = self._held_out_pairs() if self.test_dir is not None else self._test_pairs(masks=True)
-            self.test_set = MaskFolderDataset(pairs, self.image_size, None, self.mask_threshold)
+            self.test_set = MaskFolderDataset(pairs, self.image_size, None, self.mask_threshold, file_masks=True)
         if stage == "predict":
             if self.predict_dir is not None:
                 folder = require_dir(Path(self.predict_dir), "predict")
