@@ -347,7 +347,7 @@ class FundusVesselDataModule(BaseDataModule):
             rank_zero_info(f"FundusVesselDataModule: {root} has the {found} layout (detected; set layout to override)")
         return self._detected[root]
 
-    def _records(self, root: Path, layout: Layout, files) -> list[FundusRecord]:
+    def _records(self, layout: Layout, files) -> list[FundusRecord]:
         threshold = self.mask_threshold if self.mask_threshold is not None else LAYOUT_MASK_THRESHOLD.get(layout)
         return load_fundus_records(files, self.clahe, threshold, layout)
 
@@ -355,7 +355,7 @@ class FundusVesselDataModule(BaseDataModule):
         if self._train_records is None:
             root = Path(self.root)
             layout = self.resolve_layout(root)
-            self._train_records = self._records(root, layout, scan_fundus_files(root, layout, "train"))
+            self._train_records = self._records(layout, scan_fundus_files(root, layout, "train"))
         return self._train_records
 
     def setup(self, stage: str) -> None:
@@ -389,7 +389,7 @@ class FundusVesselDataModule(BaseDataModule):
                 root = Path(self.root)
                 layout = self.resolve_layout(root)
                 files = scan_fundus_files(root, layout, "test")
-            records = self._records(root, layout, files)
+            records = self._records(layout, files)
             missing = [r.image_path for r in records if r.vessels is None]
             if missing:
                 raise DataError(f"test images without vessel masks, cannot score them: {missing[:5]}")
@@ -407,7 +407,7 @@ class FundusVesselDataModule(BaseDataModule):
                 root = Path(self.root)
                 layout = self.resolve_layout(root)
                 files = [(k, img, None, fov) for k, img, _, fov in scan_fundus_files(root, layout, "test")]
-            self.predict_set = FundusDataset(self._records(Path(self.root), layout, files), None, self.channels)
+            self.predict_set = FundusDataset(self._records(layout, files), None, self.channels)
 
     def collate_fn(self, train: bool):
         return make_pad_collate(self.pad_to, ("image", "mask", "fov"))
