@@ -29,11 +29,11 @@ from octlightning.metrics import hausdorff_percentile, hd95_per_class
 from octlightning.models.foundation import FoundationSegNet
 from octlightning.tasks.segmentation import SegmentationTask
 from tests.conftest import REPO, shared
+from tests.fixtures.oct_layers import DUKE_H as H
+from tests.fixtures.oct_layers import DUKE_W as W
 from tests.fixtures.oct_layers import write_oct_h5
 
 CONFIG = str(REPO / "hparams" / "duke_dme_foundation.json")
-from tests.fixtures.oct_layers import DUKE_H as H  # noqa: E402
-from tests.fixtures.oct_layers import DUKE_W as W  # noqa: E402
 
 
 @pytest.fixture(scope="module")
