@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import (
-    EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
     ProgressBar,
@@ -197,7 +196,7 @@ class OctLightningCLI(LightningCLI):
         if cfg.get("overlay_every_n_epochs", 0) > 0:
             callbacks.append(LogOverlays(every_n_epochs=cfg["overlay_every_n_epochs"]))
         if cfg.get("early_stopping_patience") is not None and monitor:
-            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg["early_stopping_patience"]))
+            callbacks.append(octlightning.callbacks.WarmupEarlyStopping(monitor, cfg["early_stopping_patience"]))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

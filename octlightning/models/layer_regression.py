@@ -99,6 +99,7 @@ class SegFormerLayerRegressor(nn.Module):
                 raise ValueError(f"unknown SegFormer variant {variant!r}; choose one of {sorted(MIT_VARIANTS)}")
             kwargs = {**MIT_VARIANTS[variant], **(config or {}), "num_channels": in_channels}
             self.backbone = SegformerModel(SegformerConfig(**kwargs))
+        self.pretrained_encoder = pretrained is not None  # read by FreezeBackbone
         if head not in ("soft_argmax", "pool"):
             raise ValueError(f"unknown head {head!r}; choose soft_argmax or pool")
         cfg = self.backbone.config
@@ -188,6 +189,7 @@ class UNetLayerRegressor(nn.Module):
             arch_kwargs={"decoder_channels": channels, "encoder_depth": len(channels)},
         )
         self.num_layers, self.output_width = num_layers, output_width
+        self.pretrained_encoder = self.unet.pretrained_encoder  # read by FreezeBackbone
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.soft_argmax = ColumnSoftArgmax(output_width)
 
