@@ -155,3 +155,92 @@ def test_foundation_recipe_learns_one_batch(tmp_path):
     rows, cols = slice(96, 224), slice(320, 448)
     batch = {k: (v[..., rows, cols] if torch.is_tensor(v) and v.dim() >= 3 else v) for k, v in batch.items()}
     assert_learns(*fit_fixed_batch(cfg, batch))
+
+
+# ----------------------------------------------------------------------------- the callbacks behind the defaults
+class _Scripted(L.LightningModule):
+    """A module whose training loss and monitored validation metric follow given lists, per epoch."""
+
+    monitor_mode = "min"
+    warmup_epochs = 2
+
+    def __init__(self, losses: list[float], val: list[float], constant: float = 1.0) -> None:
+        super().__init__()
+        self.losses, self.val, self.constant = losses, val, constant
+        self.net = torch.nn.Module()
+        self.net.encoder = torch.nn.Linear(1, 1)
+        self.net.pretrained_encoder = False
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return self.p * 0 + self.losses[self.current_epoch]
+
+    def constant_loss(self, batch):
+        return torch.tensor(self.constant)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/metric", torch.tensor(self.val[self.current_epoch]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _run(module: L.LightningModule, callbacks: list, epochs: int) -> L.Trainer:
+    data = [{"x": torch.zeros(1)}] * 2
+    loader = torch.utils.data.DataLoader(data, batch_size=1)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, loader, loader)
+    return trainer
+
+
+def test_early_stopping_counts_patience_after_warm_up_and_warns_when_the_first_epoch_is_best():
+    from octlightning.callbacks import WarmupEarlyStopping
+
+    stop = WarmupEarlyStopping("val/metric", 1)  # mode and warm-up (2 epochs) from the module
+    with pytest.warns(UserWarning, match="first validated epoch"):
+        trainer = _run(_Scripted([1.0] * 6, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), [stop], 6)
+    # epochs 1 and 2 did not improve, but were warm-up: stopped at epoch 2 (patience 1 after warm-up)
+    assert trainer.current_epoch == 3 and stop.best_epoch == 0 and stop.validations == 3
+    improving = WarmupEarlyStopping("val/metric", 1)
+    trainer = _run(_Scripted([1.0] * 4, [4.0, 3.0, 2.0, 1.0]), [improving], 4)
+    assert improving.best_epoch == 3 and trainer.current_epoch == 4
+    maximise = _Scripted([1.0] * 2, [1.0, 2.0])
+    maximise.monitor_mode = "max"
+    up = WarmupEarlyStopping("val/metric", 5)
+    _run(maximise, [up], 2)
+    assert up.mode == "max" and up.best_epoch == 1
+
+
+def test_a_loss_that_never_beats_the_constant_prediction_warns():
+    from octlightning.callbacks import BeatConstantBaseline
+
+    with pytest.warns(UserWarning, match="not learning"):
+        check = BeatConstantBaseline(check_after_epochs=3)
+        _run(_Scripted([1.0, 0.95, 0.98, 0.97], [0.0] * 4, constant=1.0), [check], 4)
+    assert not check.beaten and len(check.epochs) == 4
+    learning = BeatConstantBaseline(check_after_epochs=3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+        _run(_Scripted([1.0, 0.8, 0.5, 0.4], [0.0] * 4, constant=1.0), [learning], 4)
+    assert learning.beaten
+
+
+def test_freeze_backbone_leaves_a_random_encoder_trainable():
+    from octlightning.callbacks import FreezeBackbone
+
+    random_encoder = FreezeBackbone(unfreeze_at_epoch=5)
+    module = _Scripted([1.0], [1.0])
+    random_encoder.setup(L.Trainer(accelerator="cpu", logger=False), module, "fit")
+    random_encoder.freeze_before_training(module)
+    assert random_encoder.unfreeze_at_epoch == 0 and module.net.encoder.weight.requires_grad
+    module.net.pretrained_encoder = True
+    pretrained = FreezeBackbone(unfreeze_at_epoch=5)
+    pretrained.setup(L.Trainer(accelerator="cpu", logger=False), module, "fit")
+    pretrained.freeze_before_training(module)
+    assert pretrained.unfreeze_at_epoch == 5 and not module.net.encoder.weight.requires_grad

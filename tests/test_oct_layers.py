@@ -488,6 +488,16 @@ def test_published_config_fits_one_fast_dev_run_step(h5file, tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["val/mae_px"])
 
 
+def test_unet_recipe_fits_one_fast_dev_run_step(h5file, tmp_path):
+    args = _cli_args("fit", h5file, tmp_path)
+    args[args.index(CONFIG)] = str(REPO / "hparams" / "oct_unet.json")
+    segformer_only = args.index("--model.init_args.net.init_args.head_channels")
+    del args[segformer_only : segformer_only + 4]  # head_channels and config: SegFormer's
+    cli = run_cli([*args, "--model.init_args.net.init_args.decoder_channels", "[16, 8, 8, 8, 8]"])
+    assert type(cli.model.net).__name__ == "UNetLayerRegressor" and cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["val/mae_px"])
+
+
 def test_fit_checkpoints_on_boundary_error_then_test_and_predict_write_results(h5file, tmp_path):
     one_step = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--overlay_every_n_epochs", "1"]
     cli = run_cli(_cli_args("fit", h5file, tmp_path / "fit", *one_step, fast=False))
