@@ -120,11 +120,13 @@ def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
 
 
 def table(rows: list[dict[str, str]]) -> str:
-    lines = []
+    lines: list[str] = []
+    last = None
     for row in rows:  # one table per column set (recipes report different metrics)
         head = "| " + " | ".join(row) + " |"
-        if not lines or lines[-1] != head:
+        if head != last:
             lines += ["", head, "|" + "---|" * len(row)]
+            last = head
         lines.append("| " + " | ".join(row.values()) + " |")
     return "\n".join(lines).strip()
 
