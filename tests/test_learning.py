@@ -10,8 +10,8 @@ regression, the class frequencies for segmentation). A network that cannot use p
 OCT head, which pools the whole feature height) stays at the constant and fails.
 
 Shrunk for a 2-core CPU (and only there): inputs are small (stated per recipe); the vessel U-Net is
-16 channels wide instead of 64; the foundation recipe's MIRAGE-Base ViT becomes the ``tiny`` preset
-with a random checkpoint (its real weights are not in the repository). No timing is asserted.
+16 channels wide instead of 64. No timing is asserted. Not covered yet: the RETOUCH recipes and the
+foundation recipe (its MIRAGE weights are not in the repository).
 """
 
 from __future__ import annotations
@@ -116,44 +116,6 @@ def test_vessel_recipe_learns_one_batch():
 def test_isic_recipe_learns_one_batch():
     cfg = recipe("isic_deeplabv3plus")
     batch = fixed_batch(cfg, {"root": str(shared("ph2_isic")), "image_size": [64, 64], "batch_size": 4})
-    assert_learns(*fit_fixed_batch(cfg, batch))
-
-
-@pytest.mark.realdata
-@pytest.mark.parametrize("name", ["retouch_unet", "retouch_adversarial"])
-def test_retouch_recipes_learn_one_batch(name, tmp_path):
-    pytest.importorskip("SimpleITK")
-    cfg = recipe(name)
-    data = {
-        "root": str(shared("retouch_like")),
-        "cache_dir": str(tmp_path / "cache"),
-        "patch_size": [128, 64],
-        "patches_per_epoch": 4,
-        "batch_size": 4,
-    }
-    # The adversarial recipe's segmenter and its segmentation loss (the discriminator is its own test).
-    assert_learns(*fit_fixed_batch(cfg, fixed_batch(cfg, data)))
-
-
-@pytest.mark.realdata
-def test_foundation_recipe_learns_one_batch(tmp_path):
-    from octlightning.data.oct_semseg import convert_h5
-    from octlightning.models.foundation import FoundationSegNet
-
-    root = convert_h5(shared("duke_dme/duke_dme_trainval.h5"), tmp_path / "semseg", subjects=[1, 2, 3, 4, 5])
-    weights = tmp_path / "tiny.pth"
-    tiny = FoundationSegNet(preset="tiny", num_classes=10, mode="finetune", dynamic_img_size=True)
-    torch.save(tiny.encoder.state_dict(), weights)
-    # MIRAGE-Base -> the tiny preset (CPU); the recipe's decoder, loss and frozen-encoder mode.
-    cfg = recipe(
-        "duke_dme_foundation",
-        net={"preset": "tiny", "weights": str(weights), "key_map": {}, "decoder_channels": 64,
-             "dynamic_img_size": True},  # fmt: skip
-    )
-    batch = fixed_batch(cfg, {"root": str(root), "batch_size": 2})
-    # A 128 x 128 window of the 496 x 768 B-scans (the whole retina lies in it at this column range).
-    rows, cols = slice(96, 224), slice(320, 448)
-    batch = {k: (v[..., rows, cols] if torch.is_tensor(v) and v.dim() >= 3 else v) for k, v in batch.items()}
     assert_learns(*fit_fixed_batch(cfg, batch))
 
 
