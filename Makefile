@@ -49,6 +49,12 @@ bench: install
 bench-cpu: install
 	$(BIN)/python benchmarks/bench.py --cpu $(ARGS)
 
+# Accuracy on unseen data after a fixed CPU time budget per recipe (20 min per OCT recipe, ~1 h in
+# all; by hand, never in CI). See benchmarks/accuracy_cpu.py; ARGS="--recipes oct" picks recipes.
+.PHONY: accuracy-cpu
+accuracy-cpu: install
+	$(BIN)/python benchmarks/accuracy_cpu.py $(ARGS)
+
 # The lent GPU machine has no network, no venv and no ../shared: its image has torch, lightning,
 # transformers and timm; `make device-kit` (here, once) puts the other wheels and the shared data it
 # needs into .device/ (git-ignored, ~52 MB), which device runs carry (`carry: [".device"]`). Then one

@@ -213,12 +213,17 @@ def build_cli(recipe: Recipe, extra: list[str], root_dir: Path) -> OctLightningC
     return OctLightningCLI(args=args, run=False)
 
 
-def _target_and_loss(out: torch.Tensor, task: L.LightningModule):
+def _target_and_loss(out: torch.Tensor | dict[str, torch.Tensor], task: L.LightningModule):
     """Random targets shaped like the recipe's output, and the recipe's own loss function.
 
     The same loss on both sides: a plain script of the recipe computes its Dice + CE too, and the
     comparison is about what the framework adds around it.
     """
+    if isinstance(out, dict):  # soft-argmax boundary head: rows + row logits, the task's CE + L1
+        h = out["row_logits"].shape[2]
+        t = torch.rand_like(out["rows"], dtype=torch.float32) * (h - 1)
+        valid = torch.ones_like(t, dtype=torch.bool)
+        return t, lambda o, t: task.loss(o["rows"].float() * h, o["row_logits"], {"coords": t, "valid": valid})
     if out.dim() == 3:  # (B, L, W) boundary coordinates, masked regression
         kind = getattr(task, "loss_kind", "mse")
         return torch.rand_like(out, dtype=torch.float32) * 100, lambda o, t: masked_regression_loss(

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import (
-    EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
     ProgressBar,
@@ -51,8 +50,12 @@ DATA_DETERMINES = ("in_channels", "num_classes", "class_names", "num_boundaries"
 DATA_SUGGESTS = {"sliding_window": "patch_size"}
 
 
+_NOT_TAKEN = object()
+
+
 def _default(cls: type, name: str) -> Any:
-    """The default of argument ``name`` of ``cls`` (searching base classes for ``**kwargs`` pass-through)."""
+    """The default of argument ``name`` of ``cls`` (searching base classes for ``**kwargs`` pass-through):
+    ``inspect.Parameter.empty`` for a required argument, ``_NOT_TAKEN`` where no class takes it."""
     for klass in getattr(cls, "__mro__", [cls]):
         init = klass.__dict__.get("__init__")
         if init is None:
@@ -60,11 +63,12 @@ def _default(cls: type, name: str) -> Any:
         parameter = inspect.signature(init).parameters.get(name)
         if parameter is not None:
             return parameter.default
-    return inspect.Parameter.empty
+    return _NOT_TAKEN
 
 
 def link_data_to_model(node: Any, datamodule: Any, where: str = "model") -> None:
-    """Fill the model config ``node`` (a jsonargparse Namespace) in place with what ``datamodule`` determines.
+    """Fill the model config ``node`` (a jsonargparse Namespace or a plain dict) in place with what
+    ``datamodule`` determines.
 
     Walks every ``class_path``/``init_args`` pair under ``node``. An argument named in
     :data:`DATA_DETERMINES` gets the DataModule's value (a DataModule attribute that is ``None`` leaves
@@ -85,9 +89,10 @@ def link_data_to_model(node: Any, datamodule: Any, where: str = "model") -> None
     args = node["init_args"]
     for key in DATA_DETERMINES:
         value = getattr(datamodule, key, None)
-        if key not in args or value is None:
+        accepted = key in args or _default(cls, key) is not _NOT_TAKEN
+        if not accepted or value is None:
             continue
-        given = args[key]
+        given = args.get(key)
         if given is not None and _plain(given) != _plain(_default(cls, key)) and _plain(given) != _plain(value):
             raise ConfigError(
                 f"{where}.init_args.{key} is {_plain(given)!r} in the config, but the data "
@@ -99,7 +104,7 @@ def link_data_to_model(node: Any, datamodule: Any, where: str = "model") -> None
         value = getattr(datamodule, attribute, None)
         if key in args and args[key] is None and value is not None:
             args[key] = _plain(value)
-    for key, value in vars(args).items():
+    for key, value in list(args.items() if isinstance(args, dict) else vars(args).items()):
         link_data_to_model(value, datamodule, f"{where}.init_args.{key}")
 
 
@@ -293,7 +298,7 @@ class OctLightningCLI(LightningCLI):
         if cfg.get("overlay_every_n_epochs", 0) > 0:
             callbacks.append(LogOverlays(every_n_epochs=cfg["overlay_every_n_epochs"]))
         if cfg.get("early_stopping_patience") is not None and monitor:
-            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg["early_stopping_patience"]))
+            callbacks.append(octlightning.callbacks.WarmupEarlyStopping(monitor, cfg["early_stopping_patience"]))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

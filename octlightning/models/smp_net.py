@@ -102,6 +102,8 @@ class SMPNet(nn.Module):
         if local:
             load_encoder_weights(self.model.encoder, encoder_weights)
             self.model.encoder.set_in_channels(in_channels, pretrained=True)
+        # Read by FreezeBackbone: freezing a random encoder teaches nothing.
+        self.pretrained_encoder = encoder_weights is not None
         # Inputs must be divisible by this (smp checks it; DeepLabV3Plus: 16 by default).
         self.stride: int = int(self.model.encoder.output_stride)
 

@@ -1,7 +1,9 @@
 """OCT layer-boundary regression: one row per column per boundary, NaN-masked losses and metrics.
 
-Any ``nn.Module`` mapping ``(B, C, H, W)`` to ``(B, L, W_out)`` rows as fractions of the input height
-(e.g. :class:`~octlightning.models.layer_regression.SegFormerLayerRegressor`) can be trained. Batches
+Any ``nn.Module`` mapping ``(B, C, H, W)`` to rows as fractions of the input height can be trained:
+either a tensor ``(B, L, W_out)`` or a dict ``{"rows": (B, L, W_out), "row_logits": (B, L, H, W_out)}``
+(the soft-argmax heads of :mod:`octlightning.models.layer_regression`, trained with the row
+cross-entropy + L1 of :func:`~octlightning.losses.boundary_regression_loss`). Batches
 are dicts with ``image``, ``coords`` ``(B, L, W_out)`` rows in input pixels (NaN where unannotated),
 ``valid`` ``(B, L, W_out)``, ``size`` (original height, width), ``spacing_um`` (axial um per original
 pixel, NaN when unknown), ``id`` and optionally ``subject`` (see
@@ -21,7 +23,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from octlightning.data.coords import resample_columns, rescale_rows
-from octlightning.losses import masked_regression_loss
+from octlightning.losses import boundary_regression_loss
 from octlightning.metrics import BoundaryError, boundary_abs_errors
 from octlightning.tasks.base import BaseTask
 from octlightning.visualize import PALETTE, save_png, to_display
@@ -70,10 +72,15 @@ class LayerRegressionTask(BaseTask):
     thickness between the ``thickness_between`` boundaries (ILM -> BM by default).
 
     Args:
-        net: network returning ``(B, L, W_out)`` rows as fractions of the input height.
+        net: network returning ``(B, L, W_out)`` rows as fractions of the input height, or a dict with
+            those ``rows`` and ``row_logits`` ``(B, L, H, W_out)`` (see the module docstring).
         boundary_names: one name per predicted boundary, top first (metric and CSV column names);
             default ``["ILM", "BM"]``.
-        loss: ``mse`` (the published default), ``l1`` or ``smooth_l1`` (beta = 1 input pixel).
+        loss: ``ce_l1`` (row cross-entropy + L1 on the expected row, He et al. 2019/2021; needs
+            ``row_logits``; the published default), ``mse``, ``l1`` or ``smooth_l1`` (beta = 1 input
+            pixel) on the rows.
+        target_sigma: ``ce_l1``: standard deviation (input pixels) of the Gaussian row target.
+        ce_weight: ``ce_l1``: weight of the cross-entropy against the L1 (input pixels).
         order_weight: weight of a penalty on boundaries out of anatomical order (each boundary should
             lie at or below the one above it, e.g. BM below ILM): mean squared violation in pixels.
         thickness_between: indices (into ``boundary_names``) of the upper and lower boundary whose
@@ -89,7 +96,9 @@ class LayerRegressionTask(BaseTask):
         self,
         net: nn.Module,
         boundary_names: list[str] | None = None,
-        loss: Literal["mse", "l1", "smooth_l1"] = "mse",
+        loss: Literal["ce_l1", "mse", "l1", "smooth_l1"] = "ce_l1",
+        target_sigma: float = 1.0,
+        ce_weight: float = 1.0,
         order_weight: float = 0.0,
         thickness_between: tuple[int, int] | None = (0, -1),
         mc_samples: int = 0,
@@ -107,12 +116,13 @@ class LayerRegressionTask(BaseTask):
         # mc_samples is a prediction-time choice: kept out of the checkpoint's hyperparameters, which
         # LightningCLI would otherwise apply over the command line when given --ckpt_path.
         self.save_hyperparameters(ignore=["net", "mc_samples"])
-        if loss not in ("mse", "l1", "smooth_l1"):
-            raise ValueError(f"unknown regression loss {loss!r}; choose mse, l1 or smooth_l1")
+        if loss not in ("ce_l1", "mse", "l1", "smooth_l1"):
+            raise ValueError(f"unknown regression loss {loss!r}; choose ce_l1, mse, l1 or smooth_l1")
         self.net = net
         self.boundary_names = list(boundary_names or ["ILM", "BM"])
         n = len(self.boundary_names)
         self.loss_kind = loss
+        self.target_sigma, self.ce_weight = target_sigma, ce_weight
         self.order_weight = order_weight
         self.thickness_between: tuple[int, int] | None = None
         if thickness_between is not None and n > 1:
@@ -130,20 +140,27 @@ class LayerRegressionTask(BaseTask):
     # ----------------------------------------------------------------- helpers
     def forward(self, x: Tensor) -> Tensor:
         """Rows in input pixels ``(B, L, W_out)``."""
-        return self.run_net(x).float() * x.shape[-2]
+        return self.predict_rows(x)[0]
+
+    def predict_rows(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Rows in input pixels ``(B, L, W_out)`` float32 and the row logits ``(B, L, H, W_out)`` (or None)."""
+        out = self.run_net(x)
+        if isinstance(out, dict):
+            return out["rows"].float() * x.shape[-2], out.get("row_logits")
+        return out.float() * x.shape[-2], None
 
     def _check(self, pred: Tensor, batch: dict[str, Any]) -> None:
         n = len(self.boundary_names)
         if pred.ndim != 3 or pred.shape[1] != n:
             raise ValueError(
                 f"the network returned shape {tuple(pred.shape)}, expected (B, {n}, W) for boundaries "
-                f"{self.boundary_names}; make the net's num_layers, boundary_names and the data's "
+                f"{self.boundary_names}; make the net's num_boundaries, boundary_names and the data's "
                 f"layer_indices agree"
             )
         if "coords" in batch and batch["coords"].shape != pred.shape:
             raise ValueError(
                 f"the network predicts {tuple(pred.shape[1:])} (boundaries, columns) but the batch holds targets "
-                f"{tuple(batch['coords'].shape[1:])}; make the net's num_layers/output_width and the data's "
+                f"{tuple(batch['coords'].shape[1:])}; make the net's num_boundaries/output_width and the data's "
                 f"layer_indices/output_width agree"
             )
 
@@ -157,10 +174,37 @@ class LayerRegressionTask(BaseTask):
             return pred.new_zeros(())
         return F.relu(pred[:, :-1] - pred[:, 1:]).pow(2).mean()
 
+    def loss(self, pred: Tensor, row_logits: Tensor | None, batch: dict[str, Any]) -> Tensor:
+        """The training loss of rows ``pred`` (input pixels) and ``row_logits`` against ``batch``."""
+        return boundary_regression_loss(
+            pred, batch["coords"].float(), batch["valid"], row_logits, self.loss_kind, self.target_sigma, self.ce_weight
+        )
+
+    def constant_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The loss of the best constant prediction on ``batch``: what a network that learnt nothing scores.
+
+        Per boundary the mean annotated row of the batch at every column (and, for ``ce_l1``, the
+        batch's histogram of that boundary's rows, Gaussian-smoothed as the targets are, as the
+        constant row distribution). Used by the learning tests and
+        :class:`~octlightning.callbacks.BeatConstantBaseline`.
+        """
+        coords, valid = batch["coords"].float(), batch["valid"].bool()
+        y = torch.where(valid, coords, torch.zeros_like(coords))
+        count = valid.sum(dim=(0, 2)).clamp_min(1)
+        mean = (y.sum(dim=(0, 2)) / count).view(1, -1, 1).expand_as(coords)
+        logits = None
+        if self.loss_kind == "ce_l1":
+            h = batch["image"].shape[-2]
+            rows = torch.arange(h, device=coords.device, dtype=torch.float32).view(1, 1, -1, 1)
+            t = torch.softmax(-0.5 * ((rows - y.unsqueeze(2)) / self.target_sigma) ** 2, dim=2) * valid.unsqueeze(2)
+            hist = t.sum(dim=(0, 3)) / count.unsqueeze(-1)  # (L, H)
+            logits = hist.clamp_min(1e-12).log().view(1, -1, h, 1).expand(*coords.shape[:2], h, coords.shape[-1])
+        return self.loss(mean, logits, batch)
+
     def _step(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        pred = self(batch["image"])
+        pred, row_logits = self.predict_rows(batch["image"])
         self._check(pred, batch)
-        loss = masked_regression_loss(pred, batch["coords"].float(), batch["valid"], self.loss_kind)
+        loss = self.loss(pred, row_logits, batch)
         if self.order_weight > 0:
             loss = loss + self.order_weight * self.order_penalty(pred)
         return pred, loss

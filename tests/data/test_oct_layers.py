@@ -19,8 +19,10 @@ from octlightning.data.coords import interpolate_gaps, resample_columns, rescale
 from octlightning.data.oct_layers import LayerAugmentation, OCTLayerDataModule
 from octlightning.data.transforms import SeededTransform
 from octlightning.errors import DataError
+from octlightning.losses import row_cross_entropy
 from octlightning.metrics import BoundaryError
-from octlightning.models.layer_regression import SegFormerLayerRegressor
+from octlightning.models.boundary_head import order_boundaries, soft_argmax_rows
+from octlightning.models.layer_regression import SegFormerLayerRegressor, UNetLayerRegressor
 from octlightning.tasks.layer_regression import LayerRegressionTask
 from tests.conftest import CPU_TRAINER, REPO, shared
 from tests.fixtures.oct_layers import EMPTY, H, L, N, W, boundary_rows, write_layer_file
@@ -313,7 +315,9 @@ def test_segformer_regressor_shapes_and_local_pretrained_directory(tmp_path):
     from transformers import SegformerConfig, SegformerModel
 
     cfg = json.loads(TINY_SEGFORMER)
-    net = SegFormerLayerRegressor(num_layers=3, output_width=24, in_channels=1, config=cfg, pool_height=2, dropout=0.2)
+    net = SegFormerLayerRegressor(
+        num_boundaries=3, output_width=24, in_channels=1, config=cfg, head="pool", pool_height=2, dropout=0.2
+    )
     out = net(torch.randn(2, 1, 64, 48))
     assert out.shape == (2, 3, 24)
     assert torch.allclose(out, torch.full_like(out, 0.5))  # a fresh head starts at mid-height
@@ -324,6 +328,85 @@ def test_segformer_regressor_shapes_and_local_pretrained_directory(tmp_path):
         assert torch.equal(loaded.backbone.state_dict()[key], value), key
     with pytest.raises(FileNotFoundError, match="no config.json"):
         SegFormerLayerRegressor(pretrained=str(tmp_path / "nvidia-mit-b0"))
+
+
+def test_order_boundaries_keeps_ordered_rows_and_lifts_crossing_ones():
+    rows = torch.tensor([[[10.0, 10.0, 30.0], [20.0, 5.0, 30.0], [15.0, 40.0, 29.0]]])  # (1, L=3, W=3)
+    out = order_boundaries(rows)
+    assert out[0, :, 0].tolist() == [10.0, 20.0, 20.0]  # the third lies above the second: placed on it
+    assert out[0, :, 1].tolist() == [10.0, 10.0, 40.0]
+    assert out[0, :, 2].tolist() == [30.0, 30.0, 30.0]
+    ordered = torch.sort(torch.rand(2, 4, 7) * 50, dim=1).values
+    assert torch.allclose(order_boundaries(ordered), ordered)  # up to rounding of s + (r - s)
+
+
+def test_soft_argmax_of_a_peaked_distribution_is_its_row():
+    logits = torch.full((1, 2, 32, 5), -1e4)
+    logits[0, 0, 7] = 0.0
+    logits[0, 1, 20:22] = 0.0  # two equal rows: the expectation lies between them
+    rows = soft_argmax_rows(logits)
+    assert torch.allclose(rows[0, 0], torch.full((5,), 7.0)) and torch.allclose(rows[0, 1], torch.full((5,), 20.5))
+
+
+def test_row_cross_entropy_against_a_gaussian_target_ignores_invalid_columns():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 16, 3, requires_grad=True)
+    target = torch.tensor([[[3.0, 7.5, float("nan")]], [[0.0, 15.0, 8.0]]])
+    valid = torch.isfinite(target)
+    loss = row_cross_entropy(logits, target, valid, sigma=1.0)
+    rows = torch.arange(16.0)
+    want = []
+    for b, w in zip(*torch.nonzero(valid[:, 0], as_tuple=True), strict=True):
+        t = torch.softmax(-0.5 * (rows - target[b, 0, w]) ** 2, 0)
+        want.append(-(t * logits[b, 0, :, w].log_softmax(0)).sum())
+    assert loss.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[0, 0, :, 2] == 0).all()
+    # lowest where the distribution is the target itself
+    peaked = torch.log(torch.softmax(-0.5 * (rows - 5.0) ** 2, 0)).view(1, 1, 16, 1)
+    shifted = torch.log(torch.softmax(-0.5 * (rows - 9.0) ** 2, 0)).view(1, 1, 16, 1)
+    t5, ok = torch.tensor([[[5.0]]]), torch.tensor([[[True]]])
+    assert row_cross_entropy(peaked, t5, ok) < row_cross_entropy(shifted, t5, ok)
+
+
+@pytest.mark.parametrize("backbone", ["segformer", "unet"])
+def test_soft_argmax_nets_predict_ordered_rows_at_every_column(backbone):
+    torch.manual_seed(0)
+    if backbone == "segformer":
+        cfg = json.loads(TINY_SEGFORMER)
+        net = SegFormerLayerRegressor(num_boundaries=3, output_width=24, in_channels=1, config=cfg)
+    else:
+        net = UNetLayerRegressor(num_boundaries=3, output_width=24, in_channels=1, decoder_channels=[16, 8, 8, 8, 8])
+    assert net.pretrained_encoder is False
+    net.train()
+    for _ in range(3):  # random weights and inputs: the order holds by construction, not by training
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=1.0)
+        out = net(torch.randn(2, 1, 64, 32))
+        assert out["rows"].shape == (2, 3, 24) and out["row_logits"].shape == (2, 3, 64, 24)
+        rows = out["rows"]
+        assert ((rows >= 0) & (rows <= 63 / 64)).all()  # fractions of the input height, pixel centres
+        assert (rows[:, 1:] - rows[:, :-1] >= 0).all()  # never crossing, in every column
+
+
+def test_task_trains_rows_with_row_ce_plus_l1_and_knows_the_constant_baseline():
+    torch.manual_seed(0)
+    net = UNetLayerRegressor(num_boundaries=2, output_width=16, in_channels=1, decoder_channels=[16, 8, 8, 8, 8])
+    task = LayerRegressionTask(net, loss="ce_l1")
+    coords = torch.tensor([[10.0, 40.0]]).view(1, 2, 1).expand(2, 2, 16).clone()
+    coords[1] += 4
+    batch = _batch(coords, torch.ones_like(coords, dtype=torch.bool), height=64)
+    batch["image"] = torch.randn(2, 1, 64, 32)
+    pred, loss = task._step(batch)
+    rows, logits = task.predict_rows(batch["image"])
+    l1 = (rows - coords).abs().mean()
+    assert loss.item() == pytest.approx((l1 + row_cross_entropy(logits, coords, batch["valid"])).item(), rel=1e-4)
+    # The best constant: each boundary's mean row (12, 42) -> L1 of 2 px, plus the CE of the rows' histogram.
+    constant = task.constant_loss(batch)
+    assert 2.0 < constant.item() < loss.item()
+    with pytest.raises(ValueError, match="row_logits"):
+        LayerRegressionTask(Fixed(coords), loss="ce_l1")._step(batch)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -369,6 +452,16 @@ def _cli_args(subcommand: str, root: Path, runs: Path, *extra: str, fast: bool =
 def test_published_config_fits_one_fast_dev_run_step(h5file, tmp_path):
     cli = run_cli(_cli_args("fit", h5file, tmp_path))
     assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["val/mae_px"])
+
+
+def test_unet_recipe_fits_one_fast_dev_run_step(h5file, tmp_path):
+    args = _cli_args("fit", h5file, tmp_path)
+    args[args.index(CONFIG)] = str(REPO / "hparams" / "oct_unet.json")
+    segformer_only = args.index("--model.init_args.net.init_args.head_channels")
+    del args[segformer_only : segformer_only + 4]  # head_channels and config: SegFormer's
+    cli = run_cli([*args, "--model.init_args.net.init_args.decoder_channels", "[16, 8, 8, 8, 8]"])
+    assert type(cli.model.net).__name__ == "UNetLayerRegressor" and cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["val/mae_px"])
 
 

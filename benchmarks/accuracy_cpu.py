@@ -1,0 +1,165 @@
+"""Accuracy on unseen data after a fixed CPU time budget, per recipe: does a change still learn?
+
+For each recipe, ``octlightning fit`` runs with the recipe's hparams file as a user runs it, on the
+shared data (../shared/data), on the CPU, stopped by ``trainer.max_time``; then ``octlightning test``
+scores its ``best.ckpt`` (chosen on the validation split) on the test split. Both splits are unseen in
+training: subject-wise for the OCT layer recipes (Duke DME subjects), image-wise for the others. Only
+CPU-sizing overrides are applied (listed per recipe below). Prints a markdown table (budget, wall time,
+epochs/steps, validation and test figures) and writes it to ``runs/accuracy-cpu/accuracy-cpu-<date>.md``.
+
+    python benchmarks/accuracy_cpu.py                         # every recipe whose data is present
+    python benchmarks/accuracy_cpu.py --recipes oct           # the OCT layer recipes only
+    python benchmarks/accuracy_cpu.py --report runs/accuracy-cpu   # tabulate finished runs again
+
+Run by hand or by ``make accuracy-cpu`` (never in CI: it takes the budgets' sum, 20 minutes per OCT
+recipe). A loaded machine gets fewer steps into the budget; the table says how many each got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@dataclass
+class Recipe:
+    name: str
+    config: str
+    data: str  # under the shared data folder; the recipe is skipped when it is absent
+    minutes: float
+    metrics: list[str]  # logged metric names (without the val/ or test/ prefix) shown in the table
+    args: list[str] = field(default_factory=list)  # CPU-sizing overrides
+
+
+OCT_ARGS = ["--data.init_args.image_size", "256", "--data.init_args.output_width", "256",
+            "--model.init_args.net.init_args.output_width", "256"]  # fmt: skip
+RECIPES = [
+    Recipe("oct_segformer", "hparams/oct_segformer.json", "duke_dme/duke_dme_trainval.h5", 20,
+           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
+    Recipe("oct_unet", "hparams/oct_unet.json", "duke_dme/duke_dme_trainval.h5", 20,
+           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
+    Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 2, ["dice", "iou"],
+           ["--data.init_args.batch_size", "8"]),
+    Recipe("vessel_unet", "hparams/vessel_unet.json", "drive", 20, ["dice", "auroc"],
+           ["--model.init_args.lr", "1e-3", "--model.init_args.net.init_args.base_channels", "16",
+            "--data.init_args.patch_size", "128", "--data.init_args.patches_per_image", "4",
+            "--data.init_args.batch_size", "8"]),
+]  # fmt: skip
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command with its output in ``log``; wall seconds. Raises on failure."""
+    start = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    return time.monotonic() - start
+
+
+def common_args(recipe: Recipe, shared: Path, root: Path) -> list[str]:
+    return ["--config", recipe.config, "--data.init_args.root", str(shared / recipe.data),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", str(root),
+            "--comet", "false", "--trainer.enable_progress_bar", "false", "--experiment", recipe.name,
+            *recipe.args]  # fmt: skip
+
+
+def fit_and_test(recipe: Recipe, shared: Path, root: Path) -> None:
+    """``fit`` within the budget into ``<root>/<name>/fit``, then ``test`` its best.ckpt into ``.../test``."""
+    folder = root / recipe.name
+    folder.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "octlightning"]
+    budget = f"00:00:{int(recipe.minutes):02d}:{int(round(recipe.minutes % 1 * 60)):02d}"
+    args = common_args(recipe, shared, root)
+    wall = run([*base, "fit", *args, "--version", "fit", "--trainer.max_time", budget], folder / "fit.log")
+    (folder / "fit" / "wall.json").write_text(json.dumps({"wall_s": wall, "budget_min": recipe.minutes}))
+    best = folder / "fit" / "checkpoints" / "best.ckpt"
+    run([*base, "test", *args, "--version", "test", "--ckpt_path", str(best)], folder / "test.log")
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(path))) if path.is_file() else []
+
+
+def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
+    """One table row from ``<root>/<name>/{fit,test}``."""
+    fit, test = root / recipe.name / "fit", root / recipe.name / "test"
+    rows = read_metrics(fit / "metrics.csv")
+    monitor = "val/mae_px" if recipe.name.startswith("oct") else "val/dice"
+    better = min if monitor.endswith("mae_px") else max
+    val = [r for r in rows if r.get(monitor)]
+    best = better(val, key=lambda r: float(r[monitor])) if val else {}
+    epochs = max((int(r["epoch"]) for r in rows if r.get("epoch")), default=-1) + 1
+    steps = max((int(r["step"]) for r in rows if r.get("step")), default=-1) + 1
+    test_rows = read_metrics(test / "metrics.csv")
+    tested = {k: v for r in test_rows for k, v in r.items() if v}
+    wall = json.loads((fit / "wall.json").read_text())["wall_s"] if (fit / "wall.json").is_file() else math.nan
+    out = {
+        "recipe": recipe.name,
+        "budget": f"{recipe.minutes:g} min",
+        "wall": f"{wall / 60:.1f} min" if math.isfinite(wall) else "n/a",
+        "epochs / steps": f"{epochs} / {steps}",
+        "best epoch": best.get("epoch", "n/a"),
+    }
+    for m in recipe.metrics:
+        v, t = best.get(f"val/{m}"), tested.get(f"test/{m}")
+        out[m + " (val / test)"] = f"{float(v):.3g} / {float(t):.3g}" if v and t else f"{v or 'n/a'} / {t or 'n/a'}"
+    return out
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    lines: list[str] = []
+    last = None
+    for row in rows:  # one table per column set (recipes report different metrics)
+        head = "| " + " | ".join(row) + " |"
+        if head != last:
+            lines += ["", head, "|" + "---|" * len(row)]
+            last = head
+        lines.append("| " + " | ".join(row.values()) + " |")
+    return "\n".join(lines).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="*", default=None, help="substrings of recipe names to run")
+    parser.add_argument("--out", default=str(REPO / "runs" / "accuracy-cpu"))
+    parser.add_argument("--shared-data", default=str(SHARED_DATA))
+    parser.add_argument("--report", default=None, help="tabulate the runs in this folder without training")
+    args = parser.parse_args(argv)
+    chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
+    root = Path(args.report or args.out).resolve()
+    shared = Path(args.shared_data)
+    rows = []
+    for recipe in chosen:
+        if args.report is None:
+            if not (shared / recipe.data).exists():
+                print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
+                continue
+            print(f"accuracy-cpu: {recipe.name}: fit for {recipe.minutes:g} min, then test", flush=True)
+            fit_and_test(recipe, shared, root)
+        if (root / recipe.name / "fit").is_dir():
+            rows.append(summarise(recipe, root))
+    text = (
+        f"Measured {datetime.date.today()} on the CPU ({os.cpu_count()} cores); validation: the checkpointed "
+        f"(best) epoch; test: that checkpoint on the test split. Both unseen in training.\n\n{table(rows)}\n"
+    )
+    print(text)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"accuracy-cpu-{datetime.date.today()}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
