@@ -238,8 +238,9 @@ class OctLightningCLI(LightningCLI):
 
         ``--version`` (and ``--experiment``) name it. Otherwise ``--ckpt_path last`` means the experiment's
         version whose ``last.ckpt`` was written last (a ConfigError naming ``--version`` when there is
-        none), and a ``test``/``predict`` checkpoint inside a run folder (``<run>/checkpoints/x.ckpt``) means
-        that run; anything else gets the next ``version_N``. A ``last`` checkpoint is replaced by its file.
+        none), and a ``test``/``predict`` checkpoint inside a run folder under this runs root
+        (``<root>/<experiment>/<version>/checkpoints/x.ckpt``) means that run; anything else gets the next
+        ``version_N``. A ``last`` checkpoint is replaced by its file.
         """
         cfg = self._cfg()
         root = Path(cfg["trainer"].get("default_root_dir") or "runs")
@@ -264,7 +265,8 @@ class OctLightningCLI(LightningCLI):
             self._set_ckpt_path(str(last))
         elif not version and not cfg.get("experiment") and self.subcommand in STAGE_FOLDERS:
             owner = checkpoint_run_dir(ckpt_path)
-            if owner is not None:
+            # A checkpoint from under another runs root (--trainer.default_root_dir) is not "this" run.
+            if owner is not None and owner.parent.parent.resolve() == root.resolve():
                 root, name, version = owner.parent.parent, owner.parent.name, owner.name
         version = version or next_version(root / name)
         os.environ[RUN_DIR_ENV] = str(root / name / version)
