@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from octlightning.data.formats.metaimage import Geometry, write_metaimage
+from octlightning.data.formats.mirage import SemSegInfo, read_info
 from octlightning.metrics import ISIC_JACCARD_THRESHOLD, thresholded_jaccard
 from octlightning.visualize import save_png
 
@@ -283,7 +284,9 @@ class ThresholdedJaccard(L.Callback):
     0 below ``threshold``) to every per-image row of a task that keeps result rows with an ``iou``
     column (:class:`~octlightning.tasks.segmentation.SegmentationTask`), so it lands in
     ``test_metrics.csv``, and logs their mean as ``test/thresholded_jaccard`` (summed over DDP ranks).
-    It runs as a callback so that any such task gets it without a task option.
+    The IoU is the test step's, at each image's original size for resized inputs (the challenge's
+    protocol); an image with neither a reference nor a predicted lesion (IoU NaN) is skipped by the mean,
+    as every other table skips it. It runs as a callback so that any such task gets it without a task option.
 
     Args:
         threshold: Jaccard below which an image counts as 0 (0.65 in the challenge).
@@ -298,8 +301,10 @@ class ThresholdedJaccard(L.Callback):
         scores = thresholded_jaccard([float(r["iou"]) for r in rows], self.threshold)
         for row, value in zip(rows, scores.tolist(), strict=True):
             row["thresholded_jaccard"] = value
+        defined = ~torch.isnan(scores)
         total = trainer.strategy.reduce(
-            torch.tensor([float(scores.sum()), float(len(rows))], device=pl_module.device), reduce_op="sum"
+            torch.tensor([float(scores[defined].sum()), float(defined.sum())], device=pl_module.device),
+            reduce_op="sum",
         )
         if total[1] > 0:
             pl_module.log("test/thresholded_jaccard", total[0] / total[1], sync_dist=False)
@@ -385,3 +390,54 @@ class WriteVolumes(L.Callback):
         run_dir = getattr(pl_module, "run_dir", None) or Path(trainer.log_dir or trainer.default_root_dir)
         path = Path(run_dir) / self.folder / volume / self.filename
         self.written.append(write_metaimage(array, path, geometry, compress=self.compress))
+
+
+class WriteMiragePredictions(L.Callback):
+    """Write predictions in MIRAGE's evaluation format: ``<run>/<folder>/<stem>_pred.png``, INFO.json values.
+
+    MIRAGE's scoring script (``run_seg_eval.py``) reads ``<model>/preds/<name>_pred.png`` holding, per
+    pixel, the INFO.json ``value`` of the predicted class, at the reference's size; this callback writes
+    exactly that from the label maps a task's ``predict_step`` returns (``{"labels": (B, H, W)}``, as
+    :class:`~octlightning.tasks.segmentation.SegmentationTask` does), cropped to each sample's ``size``,
+    so that MIRAGE's own script, or ``octlightning evaluate --protocol mirage``, scores them.
+
+    Args:
+        folder: sub-folder of the run folder (MIRAGE's script expects ``preds``).
+        info: the dataset's ``INFO.json``; default the DataModule's ``info``
+            (:class:`~octlightning.data.oct_semseg.OCTSemSegDataModule` reads it from the dataset).
+    """
+
+    def __init__(self, folder: str = "preds", info: str | None = None) -> None:
+        self.folder = folder
+        self.info_path = info
+        self._info: SemSegInfo | None = None
+        self.written: list[Path] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.written = []
+        if self.info_path is not None:
+            self._info = read_info(self.info_path)
+        else:
+            info = getattr(trainer.datamodule, "info", None)
+            if not isinstance(info, SemSegInfo):
+                raise ValueError(
+                    "WriteMiragePredictions: the DataModule has no INFO.json classes (info); "
+                    "set init_args.info to the dataset's INFO.json"
+                )
+            self._info = info
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        from PIL import Image
+
+        if not isinstance(outputs, dict) or "labels" not in outputs or self._info is None:
+            return
+        labels = outputs["labels"]
+        run_dir = getattr(pl_module, "run_dir", None) or Path(trainer.log_dir or trainer.default_root_dir)
+        for i, sample_id in enumerate(batch["id"]):
+            h, w = (int(v) for v in batch["size"][i]) if "size" in batch else labels.shape[-2:]
+            name = str(batch["stem"][i]) if "stem" in batch else str(sample_id)
+            values = self._info.to_values(labels[i, :h, :w].cpu().numpy())
+            path = Path(run_dir) / self.folder / f"{name}_pred.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(values).save(path)
+            self.written.append(path)

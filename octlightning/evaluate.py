@@ -1,6 +1,7 @@
 """Score a folder of predicted class maps against reference masks: Dice, IoU and HD95 per class.
 
 ``python -m octlightning.evaluate <pred_dir> <gt_dir> --info INFO.json --out scores.csv``
+``python -m octlightning.evaluate <model>/preds <gt_dir> --protocol mirage --out results.csv``
 
 ``gt_dir`` is a folder of reference class maps (a MIRAGE ``semseg/`` folder, or a split folder holding
 one); ``INFO.json`` maps their intensities to classes (default: found next to ``gt_dir`` or above it).
@@ -11,12 +12,24 @@ writes) or ``<name>_pred.png`` (the MIRAGE scripts). By default they hold class 
 The CSV has one row per image and a final ``mean`` row. When names carry a volume id
 (``<volume>_<slice>``), ``<out>_volumes.csv`` scores each volume from its summed pixel counts, with
 the mean HD95 of its slices (:func:`octlightning.metrics.score_volumes`, shared with the test step).
-Unannotated reference pixels (INFO.json ``Invalid`` entries) are skipped.
+Unannotated reference pixels (INFO.json ``Invalid`` entries) are skipped. The scores are those of the
+test step (:mod:`octlightning.metrics`): a class absent from both reference and prediction is NaN and
+skipped by the means (nnU-Net's convention); HD95 is in pixels (``hd95_px``), or in the units of
+``--spacing`` (``--spacing-unit mm`` or ``um``: column ``hd95_mm`` / ``hd95_um``).
+
+``--protocol mirage`` reproduces MIRAGE's published evaluation (``run_seg_eval.py`` of
+github.com/j-morano/MIRAGE) exactly instead: predictions ``<name>_pred.png`` holding INFO.json values
+(what ``octlightning predict`` writes with :class:`~octlightning.callbacks.WriteMiragePredictions`),
+volumes from the name up to its last underscore, one row per (volume, foreground class) with ``ID``,
+``Class``, ``Dice``, ``IoU``, ``HD95`` (:func:`octlightning.metrics.mirage_volume_scores`: an absent
+class scores 0, HD95 in pixels), and the mean of those rows. Background-like classes (``background``,
+``above ilm``, and ``bg`` unless ``--keep-bg``) and ``invalid`` entries are not scored, as in MIRAGE.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +41,16 @@ import torch
 from octlightning.data.formats.mirage import DEFAULT_VOLUME_PATTERN, SemSegInfo, read_info, read_value_mask, volume_ids
 from octlightning.data.io import list_images
 from octlightning.errors import DataError
-from octlightning.metrics import SliceCounts, confusion_counts, hd95_per_class, mean_row, score_row, score_volumes
+from octlightning.metrics import (
+    SliceCounts,
+    confusion_counts,
+    hd95_column,
+    hd95_per_class,
+    mean_row,
+    mirage_volume_scores,
+    score_row,
+    score_volumes,
+)
 
 PRED_SUFFIXES = ("", "_mask", "_pred")
 
@@ -71,9 +93,16 @@ def evaluate(
     info_path: str | Path | None = None,
     pred_format: str = "index",
     volume_pattern: str | None = DEFAULT_VOLUME_PATTERN,
-    spacing: tuple[float, float] | None = None,
+    spacing: float | tuple[float, float] | None = None,
+    spacing_unit: str = "mm",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-image rows and per-volume rows (empty without volume ids), each ending with a ``mean`` row."""
+    """Per-image rows and per-volume rows (empty without volume ids), each ending with a ``mean`` row.
+
+    ``spacing`` is the pixel size (one value, or ``(row, column)``) in ``spacing_unit`` (``mm``/``um``);
+    without it HD95 is in pixels. The columns are those of the test step's tables.
+    """
+    unit = "px" if spacing is None else spacing_unit
+    hd95_column(unit)  # an unknown unit fails before any file is read
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if (gt_dir / "semseg").is_dir():
         gt_dir = gt_dir / "semseg"
@@ -111,13 +140,87 @@ def evaluate(
         if volume is not None:
             row["volume"] = volume
             slices.append(SliceCounts(volume, counts, hd95))
-        row.update(score_row(counts, class_names, hd95))
+        row.update(score_row(counts, class_names, hd95, unit))
         rows.append(row)
-    volume_rows = score_volumes(slices, class_names)
+    volume_rows = score_volumes(slices, class_names, unit)
     if volume_rows:
         volume_rows.append(mean_row(volume_rows, "volume"))
     rows.append(mean_row(rows, "id"))
     return rows, volume_rows
+
+
+def mirage_classes(info_path: Path, ignore_bg: bool = True) -> tuple[dict[int, str], list[int]]:
+    """MIRAGE's choice of scored classes from ``INFO.json``: ``({value: label} of the foreground, invalid values)``.
+
+    As ``run_seg_eval.py``: a label containing ``invalid`` marks unannotated pixels; labels containing
+    ``background`` or ``above ilm`` (and ``bg`` when ``ignore_bg``) are not scored.
+    """
+    try:
+        entries = json.loads(info_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{info_path}: cannot read INFO.json ({err})") from err
+    labels = {int(v["value"]): str(v["label"]) for v in entries.values()}
+    invalid = [v for v, lab in labels.items() if "invalid" in lab.lower()]
+    foreground = {
+        v: lab
+        for v, lab in labels.items()
+        if v not in invalid
+        and not ((ignore_bg and "bg" in lab.lower()) or "background" in lab.lower() or "above ilm" in lab.lower())
+    }
+    return foreground, invalid
+
+
+def evaluate_mirage(
+    pred_dir: str | Path, gt_dir: str | Path, info_path: str | Path | None = None, ignore_bg: bool = True
+) -> list[dict[str, Any]]:
+    """MIRAGE's published protocol: one row per (volume, foreground class), then a ``mean`` row.
+
+    ``gt_dir`` holds the reference intensity maps ``<volume>_<slice>.png``; ``pred_dir`` the predictions
+    ``<volume>_<slice>_pred.png`` in INFO.json intensities. A prediction of another size than its
+    reference is resized to it by nearest neighbour (``skimage.transform.resize(order=0)``), as MIRAGE does.
+    """
+    from skimage.transform import resize
+
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if (gt_dir / "semseg").is_dir():
+        gt_dir = gt_dir / "semseg"
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "reference")):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: {what} folder not found")
+    info = Path(info_path) if info_path is not None else find_info(gt_dir)
+    foreground, invalid = mirage_classes(info, ignore_bg)
+    volumes: dict[str, dict[int, Path]] = {}
+    for ref in list_images(gt_dir, (".png",)):
+        cut = ref.stem.rfind("_")
+        if cut < 0 or not ref.stem[cut + 1 :].isdigit():
+            raise DataError(f"{ref}: MIRAGE names B-scans <volume>_<slice number>.png")
+        volumes.setdefault(ref.stem[:cut], {})[int(ref.stem[cut + 1 :])] = ref
+    if not volumes:
+        raise DataError(f"{gt_dir}: no reference class maps (*.png)")
+    rows: list[dict[str, Any]] = []
+    for volume in sorted(volumes):
+        refs = [volumes[volume][z] for z in sorted(volumes[volume])]
+        missing = [r.stem for r in refs if not (pred_dir / f"{r.stem}_pred.png").is_file()]
+        if missing:
+            raise DataError(f"{pred_dir}: no MIRAGE prediction <name>_pred.png for {missing[:5]}")
+        gt = np.array([read_value_mask(r) for r in refs])
+        pred = np.array([read_value_mask(pred_dir / f"{r.stem}_pred.png") for r in refs])
+        if pred.shape != gt.shape:
+            pred = resize(pred, gt.shape, order=0, preserve_range=True)
+        for value, label in foreground.items():
+            rows.append({"ID": volume, "Class": label, **mirage_volume_scores(pred, gt, value, invalid)})
+    rows.append(
+        {"ID": "mean", "Class": "all", **{k: float(np.mean([r[k] for r in rows])) for k in ("Dice", "IoU", "HD95")}}
+    )
+    return rows
+
+
+def _spacing(values: list[float] | None) -> float | tuple[float, float] | None:
+    if not values:
+        return None
+    if len(values) > 2:
+        raise SystemExit("error: --spacing takes one value (isotropic) or two (rows, columns)")
+    return values[0] if len(values) == 1 else (values[0], values[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,28 +230,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--info", default=None, help="INFO.json (default: next to gt_dir or above it)")
     parser.add_argument("--out", default="scores.csv", help="per-image CSV (volumes go to <out>_volumes.csv)")
     parser.add_argument(
+        "--protocol",
+        choices=("octlightning", "mirage"),
+        default="octlightning",
+        help="octlightning: per image and per volume, absent classes NaN; mirage: MIRAGE's run_seg_eval.py exactly",
+    )
+    parser.add_argument(
         "--pred-format", choices=("index", "value"), default="index", help="predictions hold class indices or values"
     )
     parser.add_argument("--volume-pattern", default=DEFAULT_VOLUME_PATTERN, help="regex, group 1 = volume id")
     parser.add_argument("--no-volumes", action="store_true", help="do not score volumes")
-    parser.add_argument("--spacing", type=float, nargs=2, default=None, help="pixel size (rows, cols) for HD95")
+    parser.add_argument(
+        "--spacing", type=float, nargs="+", default=None, help="pixel size for HD95: one value or (rows, cols)"
+    )
+    parser.add_argument("--spacing-unit", choices=("mm", "um"), default="mm", help="unit of --spacing")
+    parser.add_argument("--keep-bg", action="store_true", help="mirage: also score classes named bg")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     try:
-        rows, volume_rows = evaluate(
-            args.pred_dir,
-            args.gt_dir,
-            args.info,
-            args.pred_format,
-            None if args.no_volumes else args.volume_pattern,
-            tuple(args.spacing) if args.spacing else None,
-        )
+        if args.protocol == "mirage":
+            mirage_rows = evaluate_mirage(args.pred_dir, args.gt_dir, args.info, not args.keep_bg)
+        else:
+            rows, volume_rows = evaluate(
+                args.pred_dir,
+                args.gt_dir,
+                args.info,
+                args.pred_format,
+                None if args.no_volumes else args.volume_pattern,
+                _spacing(args.spacing),
+                args.spacing_unit,
+            )
     except DataError as err:
         sys.exit(f"error: {err}")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.protocol == "mirage":
+        pd.DataFrame(mirage_rows).to_csv(out, index=False)
+        mean = mirage_rows[-1]
+        print(f"MIRAGE protocol, {len(mirage_rows) - 1} (volume, class) rows:")
+        print(f"  Dice: {mean['Dice'] * 100:.2f}\n  IoU: {mean['IoU'] * 100:.2f}\n  HD95: {mean['HD95']:.2f}")
+        print(f"wrote {out}")
+        return
     pd.DataFrame(rows).to_csv(out, index=False)
     summary = rows[-1]
-    print(f"{len(rows) - 1} images: dice {summary['dice']:.4f}  iou {summary['iou']:.4f}  hd95 {summary['hd95']:.2f}")
+    hd95 = hd95_column("px" if args.spacing is None else args.spacing_unit)
+    print(f"{len(rows) - 1} images: dice {summary['dice']:.4f}  iou {summary['iou']:.4f}  {hd95} {summary[hd95]:.2f}")
     print(f"wrote {out}")
     if volume_rows:
         vol_out = out.with_name(f"{out.stem}_volumes.csv")

@@ -50,9 +50,18 @@ def _soft_overlap(
 
 
 class DiceLoss(nn.Module):
-    """Soft Dice loss, averaged over classes (foreground only for multi-class unless told otherwise).
+    """Soft Dice loss (Milletari et al. 2016, V-Net, with the linear denominator ``|P| + |R|``).
 
-    Sums run over the whole batch, which is stable for patches that hold no foreground.
+    ``1 - (2 |P ∩ R| + smooth) / (|P| + |R| + smooth)`` per class, averaged over classes (foreground
+    only for multi-class unless ``include_background``). Sums run over the whole batch and over the
+    pixels inside ``valid``, which is stable for patches that hold no foreground.
+
+    Args:
+        include_background: count class 0 of a multi-class output too.
+        smooth: added to numerator and denominator (an empty class in both gives loss 0).
+
+    Shapes: logits ``(B, C, H, W)`` (``C == 1``: binary, sigmoid), target ``(B, H, W)`` or
+    ``(B, 1, H, W)`` integer labels, valid like target (bool/0-1); returns a scalar float32.
     """
 
     def __init__(self, include_background: bool = False, smooth: float = 1.0) -> None:
@@ -65,13 +74,11 @@ class DiceLoss(nn.Module):
         return 1 - ((2 * inter + self.smooth) / (total + self.smooth)).mean()
 
 
-class IoULoss(nn.Module):
-    """Soft Jaccard loss (1 - soft IoU), masked and averaged like :class:`DiceLoss`."""
+class IoULoss(DiceLoss):
+    """Soft Jaccard loss (Rahman & Wang 2016): ``1 - (|P ∩ R| + smooth) / (|P ∪ R| + smooth)``.
 
-    def __init__(self, include_background: bool = False, smooth: float = 1.0) -> None:
-        super().__init__()
-        self.include_background = include_background
-        self.smooth = smooth
+    Masked and averaged like :class:`DiceLoss`, with the same arguments and shapes.
+    """
 
     def forward(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
         inter, total = _soft_overlap(logits, target, valid, self.include_background)

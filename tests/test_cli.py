@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from octlightning.cli import run_cli
+from octlightning.cli import DATA_DETERMINES, SEED_DEFAULT, TRAINER_DEFAULTS, run_cli
 from tests.conftest import REPO, TINY_VESSEL
 
 CONFIG = str(REPO / "hparams" / "vessel_unet.json")
@@ -103,7 +103,7 @@ def test_predict_writes_masks_at_original_size_and_overlays(trained_run, drive_r
     out = run_dir / "predictions"
     assert cli.model.run_dir / "predictions" == out
     assert not cli.trainer.predict_loop.return_predictions  # written to disk, not also kept in memory
-    for sid in ("01", "02"):
+    for sid in ("01_test", "02_test"):  # the input files' stems (test/images/01_test.tif)
         for kind in ("prob", "mask", "overlay"):
             im = Image.open(out / f"{sid}_{kind}.png")
             assert im.size == (72, 64), (sid, kind)
@@ -147,3 +147,22 @@ def test_every_hparams_file_parses():
         with pytest.raises(SystemExit) as exc:
             run_cli(["fit", "--config", str(config), "--print_config"])
         assert exc.value.code == 0, config.name
+
+
+def test_no_recipe_types_what_the_data_determines_or_the_shared_trainer_settings():
+    def keys(node, path=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield f"{path}.{k}".lstrip("."), k
+                yield from keys(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from keys(v, f"{path}[{i}]")
+
+    for config in sorted((REPO / "hparams").glob("*.json")):
+        recipe = json.loads(config.read_text())
+        typed = [p for p, k in keys(recipe.get("model", {})) if k in DATA_DETERMINES]
+        assert not typed, f"{config.name} sets {typed}: the data determines them"
+        shared = [k for k, v in recipe.get("trainer", {}).items() if TRAINER_DEFAULTS.get(k, object()) == v]
+        assert not shared, f"{config.name} repeats the shared trainer settings {shared}"
+        assert "seed_everything" not in recipe or recipe["seed_everything"] != SEED_DEFAULT, config.name

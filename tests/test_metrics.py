@@ -8,7 +8,7 @@ from torchmetrics.classification import MulticlassStatScores
 from octlightning.metrics import (
     SliceCounts,
     confusion_counts,
-    dice_iou_from_stat_scores,
+    counts_from_stat_scores,
     score_volumes,
     scores_from_counts,
 )
@@ -19,7 +19,10 @@ def test_multiclass_epoch_dice_skips_classes_absent_from_reference_and_predictio
     target = torch.tensor([0, 0, 1, 1, 1, 0])
     pred = torch.tensor([0, 1, 1, 1, 0, 0])  # class 1: tp 2, fp 1, fn 1; classes 2, 3 absent
     stats.update(pred, target)
-    scores = dice_iou_from_stat_scores(stats.compute())
+    counts = counts_from_stat_scores(stats.compute())
+    # the epoch counts are the per-image counts: one counting for every table
+    assert torch.equal(counts, confusion_counts(pred, target, target >= 0, 4))
+    scores = scores_from_counts(counts)
     assert math.isclose(float(scores["dice"][1]), 4 / 6)
     assert math.isclose(float(scores["iou"][1]), 2 / 4)
     assert torch.isnan(scores["dice"][2:]).all()
@@ -33,8 +36,10 @@ def test_per_image_scores_from_counts_inside_the_valid_region():
     scores = scores_from_counts(confusion_counts(pred, target, valid, 2))
     assert math.isclose(float(scores["dice"][1]), 2 * 2 / (2 * 2 + 0 + 1))
     assert math.isclose(float(scores["sensitivity"][1]), 2 / 3)
-    # a class absent from both scores 1 per image (nothing to find, nothing found)
-    assert float(scores_from_counts(confusion_counts(pred * 0, target * 0, valid, 2))["dice"][1]) == 1.0
+    # a class absent from both has no score per image either (nnU-Net's NaN), as in the epoch logs
+    empty = scores_from_counts(confusion_counts(pred * 0, target * 0, valid, 2))
+    assert math.isnan(float(empty["dice"][1])) and math.isnan(float(empty["iou"][1]))
+    assert math.isnan(float(empty["sensitivity"][1])) and float(empty["specificity"][1]) == 1.0
 
 
 def test_volume_scores_sum_counts_average_hd95_and_give_retouch_volumes():
@@ -46,16 +51,26 @@ def test_volume_scores_sum_counts_average_hd95_and_give_retouch_volumes():
         SliceCounts("a", confusion_counts(t, t, t >= 0, 2), np.array([0.0]), None),
     ]
     a, b = score_volumes(slices)
-    assert (a["volume"], a["slices"], a["dice"], a["hd95"]) == ("a", 1, 1.0, 0.0)
+    assert (a["volume"], a["slices"], a["dice"], a["hd95_px"]) == ("a", 1, 1.0, 0.0)
     assert "avd_mm3_foreground" not in a  # one B-scan without a voxel size: no volume for "a"
     # "b": tp 1 + 2, fp 0 + 1, fn 1 + 0 summed before the ratio, not the mean of per-slice Dice
     assert (b["volume"], b["slices"]) == ("b", 2)
     assert math.isclose(b["dice"], 2 * 3 / (2 * 3 + 1 + 1)) and math.isclose(b["iou"], 3 / 5)
-    assert b["hd95"] == 2.0
+    assert b["hd95_px"] == 2.0
     assert (b["ref_mm3_foreground"], b["pred_mm3_foreground"], b["avd_mm3_foreground"]) == (2.0, 2.0, 0.0)
     named = score_volumes(slices[2:], ["lesion"])[0]
     assert list(named) == ["volume", "slices", "dice", "dice_lesion", "iou", "iou_lesion", "sensitivity",
                            "sensitivity_lesion", "specificity", "specificity_lesion", "accuracy",
-                           "accuracy_lesion", "hd95", "hd95_lesion"]  # fmt: skip
+                           "accuracy_lesion", "hd95_px", "hd95_px_lesion"]  # fmt: skip
     with pytest.raises(ValueError, match="HD95 given for 1 of 2"):
         score_volumes([slices[0], SliceCounts("b", slices[1].counts)])
+
+
+def test_volume_hd95_skips_slices_where_the_class_is_absent_from_both():
+    t = torch.tensor([[1, 1], [0, 0]])
+    slices = [
+        SliceCounts("v", confusion_counts(t, t, t >= 0, 2), np.array([2.0])),
+        SliceCounts("v", confusion_counts(t * 0, t * 0, t >= 0, 2), np.array([np.nan])),
+    ]
+    (v,) = score_volumes(slices, hd95_unit="mm")
+    assert v["hd95_mm"] == 2.0 and v["dice"] == 1.0

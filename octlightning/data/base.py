@@ -154,6 +154,10 @@ class BaseDataModule(L.LightningDataModule):
         predict_dir: a folder (or file) to predict; ``None`` predicts the test split.
         in_channels: channels of the network input the samples carry.
         cache_mb: memory per loader process for decoded samples (see :class:`SampleCache`; 0: none).
+        test_dir: another dataset (folder or file, in a layout this DataModule reads) that ``test``
+            scores whole: every annotated sample of it, whatever ``root``'s splits; ``None`` tests the
+            test split of ``root``. For evaluating on a held-out dataset (train on DRIVE, test on
+            CHASE_DB1; train on one HDF5 file, test on another).
 
     What the model must agree with, read by the CLI and linked into the model's arguments (typed once,
     in the data): :attr:`in_channels`; for segmentation :attr:`num_classes` (network output channels:
@@ -186,6 +190,7 @@ class BaseDataModule(L.LightningDataModule):
         predict_dir: str | None = None,
         in_channels: int = 3,
         cache_mb: float = 1024,
+        test_dir: str | None = None,
     ) -> None:
         super().__init__()
         if val_fraction < 0 or test_fraction < 0:
@@ -200,6 +205,7 @@ class BaseDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.in_channels = in_channels
         self.cache_mb = cache_mb
+        self.test_dir = test_dir
         self._train_loader: ContinuousTrainLoader | None = None
 
     # Subclasses override to pad variable-size samples; default stacks equal-size samples.

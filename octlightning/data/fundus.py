@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from scipy import ndimage
 from torch.utils.data import Dataset
 
@@ -21,8 +22,8 @@ from octlightning.data.base import BaseDataModule, make_pad_collate, split_indic
 from octlightning.data.io import (
     check_pairs,
     list_images,
-    read_binary_mask,
     read_image,
+    read_mask,
     require_dir,
     require_utf8_name,
     unique_index,
@@ -38,18 +39,28 @@ from octlightning.data.transforms import (
 )
 from octlightning.errors import DataError
 
-Layout = Literal["drive", "chase", "folder"]
+Layout = Literal["drive", "chase", "kaggle", "folder"]
+LAYOUTS = ("drive", "chase", "kaggle", "folder")
+# Masks of the Kaggle retina-blood-vessel set were resized with interpolation: 8-bit grey with grey
+# vessel edges. Grey levels above 127 (the midpoint) are vessel unless mask_threshold says otherwise;
+# the other layouts ship strictly two-valued masks and are read as such.
+LAYOUT_MASK_THRESHOLD: dict[str, int | None] = {"kaggle": 127}
+CHASE_NAME = re.compile(r"Image_(\d+)([LR])")
 
 
 @dataclass
 class FundusRecord:
-    """One decoded image with its vessel mask (``None`` when unknown) and FOV mask, uint8 arrays."""
+    """One decoded image with its vessel mask (``None`` when unknown) and FOV mask, uint8 arrays.
+
+    ``group`` is what must not be split apart (CHASE_DB1: the child, both eyes; else the image).
+    """
 
     id: str
     image: np.ndarray
     vessels: np.ndarray | None
     fov: np.ndarray
     image_path: Path
+    group: str = ""
 
 
 def _leading_number(path: Path) -> str:
@@ -60,9 +71,52 @@ def _leading_number(path: Path) -> str:
 
 
 def fov_from_image(image: np.ndarray, threshold: int = 20) -> np.ndarray:
-    """FOV for sets that ship none (CHASE_DB1): red channel above a dark threshold, holes filled."""
+    """FOV for sets that ship none (CHASE_DB1, Kaggle): red channel above a dark threshold, holes filled."""
     fov = ndimage.binary_fill_holes(image[..., 0] > threshold)
     return ndimage.binary_opening(fov, iterations=2).astype(np.uint8)
+
+
+def _kaggle_base(root: Path) -> Path | None:
+    """The folder holding ``train/image`` of a Kaggle retina-blood-vessel set: ``root/Data`` or ``root``."""
+    for base in (root / "Data", root):
+        if (base / "train" / "image").is_dir():
+            return base
+    return None
+
+
+def detect_layout(root: Path) -> Layout:
+    """Which fundus layout ``root`` holds, from its folder and file names.
+
+    ``drive``: ``training/images``; ``kaggle``: ``Data/train/image`` (or ``train/image``); ``chase``:
+    ``Image_NNL_1stHO.png`` files; ``folder``: ``images/`` and ``masks/``. Raises :class:`DataError`
+    naming ``root`` and every layout looked for when none matches.
+    """
+    require_dir(root, "fundus dataset")
+    if (root / "training" / "images").is_dir():
+        return "drive"
+    if _kaggle_base(root) is not None:
+        return "kaggle"
+    if any(root.glob("Image_*_1stHO.png")):
+        return "chase"
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "folder"
+    raise DataError(
+        f"{root}: no fundus layout recognised; expected DRIVE (training/images, training/1st_manual, "
+        f"training/mask), CHASE_DB1 (Image_NNL.jpg + Image_NNL_1stHO.png), Kaggle retina-blood-vessel "
+        f"(Data/train/image + Data/train/mask) or images/ + masks/ [+ fov/]; set layout to one of {list(LAYOUTS)}"
+    )
+
+
+def _image_mask_folders(base: Path, image_dir: str, mask_dir: str, fov_dir: str | None, what: str):
+    """``(id, image, mask, fov)`` of a folder pair matched by file stem (Kaggle, plain folders)."""
+    images = unique_index(list_images(require_dir(base / image_dir, f"{what} images")), what="image")
+    masks = unique_index(list_images(require_dir(base / mask_dir, f"{what} masks")), what="mask")
+    check_pairs(images, masks)
+    fovs = {}
+    if fov_dir is not None and (base / fov_dir).is_dir():
+        fovs = unique_index(list_images(base / fov_dir), what="FOV mask")
+        check_pairs(images, fovs, "FOV mask")
+    return [(k, images[k], masks[k], fovs.get(k)) for k in sorted(images)]
 
 
 def scan_fundus_files(
@@ -92,38 +146,69 @@ def scan_fundus_files(
             raise DataError(f"{root}: no CHASE_DB1 images (Image_NNX.jpg) found")
         check_pairs(images, masks, "1st-observer mask (Image_NNX_1stHO.png)")
         # The usual CHASE_DB1 protocol: children 1-10 (20 images) train, 11-14 (8 images) test.
-        keep = [k for k in sorted(images) if (int(k[6:8]) <= 10) == (split == "train")]
+        keep = [k for k in sorted(images) if (int(chase_child(images[k])) <= 10) == (split == "train")]
         return [(k, images[k], masks[k], None) for k in keep]
+    if layout == "kaggle":
+        base = _kaggle_base(root)
+        if base is None:
+            raise DataError(f"{root}: no Kaggle retina-blood-vessel training folder (Data/train/image) found")
+        if split == "test" and not (base / "test").is_dir():
+            raise DataError(f"{base / 'test'}: no test folder (expected test/image and test/mask)")
+        # No FOV masks are shipped: the FOV is derived from each image.
+        return _image_mask_folders(base / split, "image", "mask", None, f"Kaggle {split}")
     if layout == "folder":
         base = root if split == "train" else root / "test"
         if split == "test" and not base.is_dir():
             raise DataError(f"{base}: no test folder (expected test/images and test/masks)")
-        images = unique_index(list_images(require_dir(base / "images", "images")), what="image")
-        masks = unique_index(list_images(require_dir(base / "masks", "masks")), what="mask")
-        check_pairs(images, masks)
-        fovs = {}
-        if (base / "fov").is_dir():
-            fovs = unique_index(list_images(base / "fov"), what="FOV mask")
-            check_pairs(images, fovs, "FOV mask")
-        return [(k, images[k], masks[k], fovs.get(k)) for k in sorted(images)]
-    raise ValueError(f"unknown fundus layout {layout!r}; choose drive, chase or folder")
+        return _image_mask_folders(base, "images", "masks", "fov", "")
+    raise ValueError(f"unknown fundus layout {layout!r}; choose one of {list(LAYOUTS)} or null (detect)")
 
 
-def load_fundus_records(files, clahe: bool) -> list[FundusRecord]:
+def chase_child(path: Path) -> str:
+    """The child of a CHASE_DB1 image (``Image_05L.jpg`` and ``Image_05R.jpg``: child ``05``)."""
+    m = CHASE_NAME.match(path.name)
+    if not m:
+        raise DataError(f"{path}: CHASE_DB1 image names are Image_<child><L|R>.jpg (e.g. Image_01L.jpg)")
+    return m.group(1)
+
+
+def labelled_fundus_files(root: Path, layout: Layout) -> list[tuple[str, Path, Path | None, Path | None]]:
+    """Every image of a dataset that has a vessel mask: its training part and its test part (when the
+    layout has one and it is annotated), for testing on a whole held-out dataset (``test_dir``)."""
+    files = scan_fundus_files(root, layout, "train")
+    kaggle = _kaggle_base(root)
+    has_test = {
+        "drive": (root / "test").is_dir(),
+        "chase": True,
+        "kaggle": kaggle is not None and (kaggle / "test").is_dir(),
+        "folder": (root / "test").is_dir(),
+    }[layout]
+    test = scan_fundus_files(root, layout, "test") if has_test else []
+    ids = {f[0] for f in files}
+    clash = sorted(ids & {f[0] for f in test})
+    if clash:
+        raise DataError(f"{root}: ids {clash[:5]} occur in its training and its test part; rename one")
+    return files + [f for f in test if f[2] is not None]
+
+
+def load_fundus_records(files, clahe: bool, mask_threshold: int | None = None, layout: str = "") -> list[FundusRecord]:
+    """Decode ``(id, image, vessel mask, fov)`` paths: RGB uint8 image, {0, 1} masks (strictly
+    two-valued, or ``> mask_threshold``), FOV from the file or, without one, from the image."""
     records = []
     for key, image_path, mask_path, fov_path in files:
         image = read_image(image_path, "RGB")
         if clahe:
             image = clahe_green(image)
-        vessels = read_binary_mask(mask_path) if mask_path is not None else None
-        fov = read_binary_mask(fov_path) if fov_path is not None else fov_from_image(image)
+        vessels = read_mask(mask_path, mask_threshold) if mask_path is not None else None
+        fov = read_mask(fov_path, mask_threshold) if fov_path is not None else fov_from_image(image)
         for name, arr, path in (("vessel mask", vessels, mask_path), ("FOV mask", fov, fov_path)):
             if arr is not None and arr.shape != image.shape[:2]:
                 raise DataError(
                     f"{path}: {name} is {arr.shape[1]}x{arr.shape[0]} but its image {image_path} is "
                     f"{image.shape[1]}x{image.shape[0]} (W x H); they must match"
                 )
-        records.append(FundusRecord(key, image, vessels, fov, image_path))
+        group = chase_child(image_path) if layout == "chase" else key
+        records.append(FundusRecord(key, image, vessels, fov, image_path, group))
     return records
 
 
@@ -163,6 +248,7 @@ class FundusDataset(Dataset):
             "image": tensor,
             "fov": mask_to_tensor(fov),
             "id": rec.id,
+            "stem": rec.image_path.stem,  # DRIVE's id is the image number: predictions take the file's name
             "size": torch.tensor(image.shape[:2]),
         }
         if rec.vessels is not None:
@@ -174,19 +260,33 @@ class FundusVesselDataModule(BaseDataModule):
     """Fundus vessel segmentation DataModule.
 
     Args:
-        root: dataset folder (DRIVE: the folder holding ``training/`` and ``test/``).
+        root: dataset folder (DRIVE: the folder holding ``training/`` and ``test/``; Kaggle: the folder
+            holding ``Data/``, or ``Data/`` itself; CHASE_DB1: the folder of ``Image_*`` files).
         batch_size, eval_batch_size, num_workers, seed, val_fraction, predict_dir: see
             :class:`~octlightning.data.base.BaseDataModule`.
         test_fraction: must stay 0: every fundus layout brings its own test split.
         in_channels: 3 (RGB) or 1 (the green channel alone, the best vessel contrast).
-        cache_mb: not used: fundus sets (20-40 images) are decoded once in ``setup`` and kept whole.
-        layout: ``drive`` (published DRIVE layout), ``chase`` (CHASE_DB1 flat folder) or ``folder``
-            (``images/`` + ``masks/`` [+ ``fov/``], test set under ``test/``).
+        cache_mb: not used: fundus sets (20-100 images) are decoded once in ``setup`` and kept whole.
+        test_dir: another fundus dataset (any layout, always detected) whose every annotated image ``test``
+            scores (its training and test parts); ``None`` tests ``root``'s test split.
+        layout: ``None`` (default) recognises the layout by its folder and file names and says which
+            it found; or ``drive`` (published DRIVE layout), ``chase`` (CHASE_DB1 flat folder,
+            ``Image_NNL.jpg`` + ``Image_NNL_1stHO.png``; children 1-10 train, 11-14 test), ``kaggle``
+            (Kaggle retina-blood-vessel: ``Data/{train,test}/{image,mask}/N.png``) or ``folder``
+            (``images/`` + ``masks/`` [+ ``fov/``], test set under ``test/``). Layouts without FOV masks
+            (CHASE_DB1, Kaggle, folders without ``fov/``) get the FOV from the image
+            (:func:`fov_from_image`).
+        mask_threshold: ``None`` uses the layout's default: grey levels above 127 are vessel for the
+            Kaggle set (its masks have interpolated grey edges), strictly two-valued masks for the
+            others. A number binarises every mask (and FOV mask) as ``grey level > mask_threshold``.
         patch_size: train on random ``patch_size x patch_size`` crops; ``None`` trains on whole images.
         patches_per_image: crops drawn from each training image per epoch (patch training).
         clahe: equalise the green channel (CLAHE) before everything else.
         augment: flips, rotation, elastic deformation and brightness/contrast during training.
         pad_to: evaluation images are padded to a multiple of this (the network's stride).
+
+    Validation is a seeded ``val_fraction`` of the training images, by child for CHASE_DB1 (both eyes
+    of one child in one split), by image otherwise.
     """
 
     def __init__(
@@ -201,7 +301,9 @@ class FundusVesselDataModule(BaseDataModule):
         predict_dir: str | None = None,
         in_channels: Literal[1, 3] = 3,
         cache_mb: float = 1024,
-        layout: Layout = "drive",
+        test_dir: str | None = None,
+        layout: Layout | None = None,
+        mask_threshold: int | None = None,
         patch_size: int | None = None,
         patches_per_image: int = 1,
         clahe: bool = False,
@@ -210,14 +312,17 @@ class FundusVesselDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb,
+            in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
         if test_fraction:
             raise ValueError("test_fraction must be 0 for fundus data: every layout brings its own test split")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 3 (RGB) or 1 (green channel), got {in_channels}")
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"unknown fundus layout {layout!r}; choose one of {list(LAYOUTS)} or null (detect)")
         self.layout = layout
+        self.mask_threshold = mask_threshold
         self.patch_size = [patch_size, patch_size] if patch_size else None
         self.patches_per_image = patches_per_image if patch_size else 1
         self.channels = "green" if in_channels == 1 else "rgb"
@@ -225,22 +330,41 @@ class FundusVesselDataModule(BaseDataModule):
         self.augment = augment
         self.pad_to = pad_to
         self._train_records: list[FundusRecord] | None = None
+        self._detected: dict[Path, Layout] = {}  # said once per folder
 
     num_classes = 1  # binary: one vessel logit
     class_names = ["vessel"]
 
+    def resolve_layout(self, root: Path) -> Layout:
+        """``layout`` when given, else the one :func:`detect_layout` finds (said in one log line)."""
+        if self.layout is not None:
+            return self.layout
+        return self._detect(root)
+
+    def _detect(self, root: Path) -> Layout:
+        if root not in self._detected:
+            self._detected[root] = found = detect_layout(root)
+            rank_zero_info(f"FundusVesselDataModule: {root} has the {found} layout (detected; set layout to override)")
+        return self._detected[root]
+
+    def _records(self, layout: Layout, files) -> list[FundusRecord]:
+        threshold = self.mask_threshold if self.mask_threshold is not None else LAYOUT_MASK_THRESHOLD.get(layout)
+        return load_fundus_records(files, self.clahe, threshold, layout)
+
     def _training_records(self) -> list[FundusRecord]:
         if self._train_records is None:
-            files = scan_fundus_files(Path(self.root), self.layout, "train")
-            self._train_records = load_fundus_records(files, self.clahe)
+            root = Path(self.root)
+            layout = self.resolve_layout(root)
+            self._train_records = self._records(layout, scan_fundus_files(root, layout, "train"))
         return self._train_records
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
             records = self._training_records()
-            if len(records) < 2:
-                raise DataError(f"{self.root}: need at least 2 training images for a validation split")
-            train_idx, val_idx = split_indices(range(len(records)), [self.val_fraction], self.seed)
+            groups = [r.group for r in records]
+            if len(set(groups)) < 2:
+                raise DataError(f"{self.root}: need at least 2 training images (children) for a validation split")
+            train_idx, val_idx = split_indices(groups, [self.val_fraction], self.seed)
             crop = tuple(self.patch_size) if self.patch_size else None
             transform = segmentation_augmentation(
                 hflip=0.5 if self.augment else 0,
@@ -256,11 +380,21 @@ class FundusVesselDataModule(BaseDataModule):
             )
             self.val_set = FundusDataset([records[i] for i in val_idx], None, self.channels)
         if stage == "test":
-            files = scan_fundus_files(Path(self.root), self.layout, "test")
-            records = load_fundus_records(files, self.clahe)
+            if self.test_dir is not None:
+                root = Path(self.test_dir)
+                layout = self._detect(root)  # ``layout`` names root's layout; a held-out set may have another
+                files = labelled_fundus_files(root, layout)
+                rank_zero_info(f"FundusVesselDataModule: testing on all {len(files)} annotated images of {root}")
+            else:
+                root = Path(self.root)
+                layout = self.resolve_layout(root)
+                files = scan_fundus_files(root, layout, "test")
+            records = self._records(layout, files)
             missing = [r.image_path for r in records if r.vessels is None]
             if missing:
                 raise DataError(f"test images without vessel masks, cannot score them: {missing[:5]}")
+            if not records:
+                raise DataError(f"{root}: no annotated images to test on")
             self.test_set = FundusDataset(records, None, self.channels)
         if stage == "predict":
             if self.predict_dir is not None:
@@ -268,11 +402,12 @@ class FundusVesselDataModule(BaseDataModule):
                 if not paths:
                     raise DataError(f"{self.predict_dir}: no images to predict")
                 files = [(k, p, None, None) for k, p in unique_index(paths, what="image to predict").items()]
+                layout = "folder"
             else:
-                files = [
-                    (k, img, None, fov) for k, img, _, fov in scan_fundus_files(Path(self.root), self.layout, "test")
-                ]
-            self.predict_set = FundusDataset(load_fundus_records(files, self.clahe), None, self.channels)
+                root = Path(self.root)
+                layout = self.resolve_layout(root)
+                files = [(k, img, None, fov) for k, img, _, fov in scan_fundus_files(root, layout, "test")]
+            self.predict_set = FundusDataset(self._records(layout, files), None, self.channels)
 
     def collate_fn(self, train: bool):
         return make_pad_collate(self.pad_to, ("image", "mask", "fov"))

@@ -7,11 +7,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from octlightning.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
+# EXIF orientations (tag 0x0112) that turn the stored picture by 90 degrees: width and height swap.
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # PIL modes holding more than 8 bits per pixel: converting them to "L"/"RGB" clips (16-bit) or
 # zeroes (NaN) values without a word, so they are checked first.
 WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -34,7 +37,12 @@ def require_utf8_name(path: Path) -> Path:
 
 
 def load_image(path: Path, what: str = "image") -> Image.Image:
-    """Open and decode one image file, refusing empty, unreadable, multi-page and NaN/inf files."""
+    """Open and decode one image file, refusing empty, unreadable, multi-page and NaN/inf files.
+
+    The EXIF orientation (cameras and phones store the sensor's pixels and a tag saying how to turn
+    them) is applied, as every image viewer and the annotation tools do, so an image and a mask drawn
+    on it stay registered whichever of them carries the tag.
+    """
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the {what} file is empty (0 bytes)")
@@ -45,6 +53,7 @@ def load_image(path: Path, what: str = "image") -> Image.Image:
             if frames > 1 and im.format != "MPO":
                 raise DataError(f"{path}: the {what} file holds {frames} pages/frames; expected one 2-D image")
             im.load()
+            im = ImageOps.exif_transpose(im)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
@@ -76,10 +85,25 @@ def read_image(path: Path, mode: str = "RGB") -> np.ndarray:
     return np.asarray(im.convert(mode))
 
 
+def oriented_size(path: Path, what: str = "image") -> tuple[int, int]:
+    """``(height, width)`` as displayed (EXIF orientation applied), from the header alone."""
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the {what} file is empty (0 bytes)")
+        with Image.open(path) as im:
+            turned = im.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
+            return (im.width, im.height) if turned else (im.height, im.width)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the {what} ({err}); the file is truncated or not an image") from err
+
+
 def read_binary_mask(path: Path) -> np.ndarray:
     """Read a two-valued mask (0/255, 0/1, 1-bit, palette or grayscale) as uint8 {0, 1}.
 
-    Anything with more than two grey values is refused instead of guessed at.
+    Anything with more than two grey values is refused instead of guessed at; the error names the
+    ``mask_threshold`` option, which binarises lossy (JPEG) or anti-aliased masks instead.
     """
     im = load_image(path, "mask")
     if im.mode not in ("1", "L", "I", "I;16"):
@@ -90,9 +114,18 @@ def read_binary_mask(path: Path) -> np.ndarray:
         shown = values[:8].tolist()
         raise DataError(
             f"{path}: mask is not binary, it has {len(values)} values {shown}{'...' if len(values) > 8 else ''}; "
-            f"expected background 0 and one foreground value (1 or 255)"
+            f"expected background 0 and one foreground value (1 or 255); for a lossy (JPEG) or anti-aliased "
+            f"mask set the DataModule's mask_threshold (e.g. 127: grey levels above it are foreground)"
         )
     return (arr > 0).astype(np.uint8)
+
+
+def read_mask(path: Path, threshold: int | None = None) -> np.ndarray:
+    """uint8 ``(H, W)`` {0, 1} mask: strictly two-valued files by default (:func:`read_binary_mask`),
+    ``grey level > threshold`` for lossy (JPEG) or anti-aliased masks."""
+    if threshold is None:
+        return read_binary_mask(path)
+    return (read_image(path, "L") > threshold).astype(np.uint8)
 
 
 def list_images(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:

@@ -29,15 +29,17 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
 
 from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
 from octlightning.data.io import (
     check_pairs,
     list_images,
-    read_binary_mask,
+    oriented_size,
     read_image,
+    read_mask,
     require_dir,
     require_utf8_name,
 )
@@ -64,19 +66,6 @@ class MaskPair:
     image: Path
     mask: Path | None
     size: tuple[int, int]
-
-
-def header_size(path: Path, what: str = "image") -> tuple[int, int]:
-    """``(height, width)`` from the file header, without decoding the pixels."""
-    try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: the {what} file is empty (0 bytes)")
-        with Image.open(path) as im:
-            return im.height, im.width
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the {what} ({err}); the file is truncated or not an image") from err
 
 
 def mask_name_regex(pattern: str) -> re.Pattern[str]:
@@ -128,9 +117,9 @@ def scan_pairs(
         check_pairs(images, masks, f"mask ({mask_dir}/{mask_pattern})")
     pairs = []
     for key in sorted(images):
-        size = header_size(images[key])
+        size = oriented_size(images[key])
         if mask_dir is not None:
-            mask_size = header_size(masks[key], "mask")
+            mask_size = oriented_size(masks[key], "mask")
             if mask_size != size:
                 raise DataError(
                     f"{masks[key]}: mask is {mask_size[1]}x{mask_size[0]} but its image {images[key]} is "
@@ -140,18 +129,22 @@ def scan_pairs(
     return pairs
 
 
-def read_mask(path: Path, threshold: int | None = None) -> np.ndarray:
-    """uint8 {0, 1} mask: strictly two-valued files by default, ``> threshold`` for lossy (JPEG) masks."""
-    if threshold is None:
-        return read_binary_mask(path)
-    return (read_image(path, "L") > threshold).astype(np.uint8)
+def collate_file_masks(samples: list[dict]) -> dict:
+    """``default_collate``, except ``file_mask``: masks of different file sizes stay a list of tensors."""
+    masks = [s.pop("file_mask") for s in samples if "file_mask" in s]
+    batch = default_collate(samples)
+    if masks:
+        batch["file_mask"] = masks
+    return batch
 
 
 class MaskFolderDataset(Dataset):
     """Pairs -> dict(image (3, H, W) ImageNet-normalised, mask (1, H, W) {0,1}, id, file_size (2,)).
 
-    ``mask`` is absent for pairs without a mask (prediction). Decoding happens here, in the workers;
-    the decoded, resized pair is kept in ``cache`` (when given) for later epochs.
+    ``mask`` is absent for pairs without a mask (prediction). With ``file_masks`` (the test set) each
+    sample also carries ``file_mask``, the reference as stored, ``(1, *file_size)`` uint8, which the
+    test scores are computed against (the ISIC protocol). Decoding happens here, in the workers; the
+    decoded, resized pair is kept in ``cache`` (when given) for later epochs.
     """
 
     def __init__(
@@ -161,8 +154,10 @@ class MaskFolderDataset(Dataset):
         transform: SeededTransform | None = None,
         mask_threshold: int | None = None,
         cache: SampleCache | None = None,
+        file_masks: bool = False,
     ) -> None:
         self.pairs = pairs
+        self.file_masks = file_masks
         self.image_size = image_size
         self.transform = transform
         self.mask_threshold = mask_threshold
@@ -171,22 +166,27 @@ class MaskFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def decode(self, pair: MaskPair) -> tuple[np.ndarray, np.ndarray | None]:
-        """The pair decoded and resized to ``image_size``: uint8 RGB image, uint8 {0, 1} mask or None."""
+    def decode(self, pair: MaskPair) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The pair decoded and resized to ``image_size``: uint8 RGB image, uint8 {0, 1} mask or None,
+        and the mask at the file's size (uint8 {0, 1}) or None."""
         h, w = self.image_size
         image = read_image(pair.image, "RGB")
         # Area averaging when shrinking (large dermoscopy photos), bilinear when enlarging.
         shrink = image.shape[0] * image.shape[1] > h * w
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        mask = None
+        mask = file_mask = None
         if pair.mask is not None:
-            mask = cv2.resize(read_mask(pair.mask, self.mask_threshold), (w, h), interpolation=cv2.INTER_NEAREST)
-        return image, mask
+            file_mask = read_mask(pair.mask, self.mask_threshold)
+            mask = cv2.resize(file_mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        return image, mask, file_mask
 
     def __getitem__(self, index: int) -> dict:
         pair = self.pairs[index]
         key = (str(pair.image), str(pair.mask), self.image_size)
-        image, mask = cached(self.cache, key, lambda: self.decode(pair))
+        if self.file_masks:  # the test set: read once, nothing to cache
+            image, mask, file_mask = self.decode(pair)
+        else:  # the cache keeps the resized pair only
+            image, mask, file_mask = cached(self.cache, key, lambda: self.decode(pair)[:2] + (None,))
         if self.transform is not None and mask is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
@@ -197,6 +197,8 @@ class MaskFolderDataset(Dataset):
         }
         if mask is not None:
             sample["mask"] = mask_to_tensor(mask)
+        if self.file_masks and file_mask is not None:
+            sample["file_mask"] = torch.from_numpy(np.ascontiguousarray(file_mask)).unsqueeze(0)
         return sample
 
 
@@ -226,6 +228,9 @@ class MaskFolderDataModule(BaseDataModule):
         mask_threshold: ``None`` reads masks as strictly two-valued (0/1, 0/255, 1-bit, palette); a grey
             level binarises lossy masks (``> mask_threshold`` is foreground) instead.
         predict_dir: folder of images to predict (any image type); ``None`` predicts the test images.
+        test_dir: another dataset folder of the same layout (the same folder names, ``image_glob`` and
+            ``mask_pattern``) whose every pair ``test`` scores: its training, validation and test folders,
+            those that exist; ``None`` tests ``root``'s test folder or held-out share.
         cache_mb: memory per loader process for decoded, resized training and validation pairs (see
             :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
@@ -245,6 +250,7 @@ class MaskFolderDataModule(BaseDataModule):
         predict_dir: str | None = None,
         in_channels: Literal[3] = 3,
         cache_mb: float = 1024,
+        test_dir: str | None = None,
         image_dir: str = ISIC_TRAIN[0],
         mask_dir: str = ISIC_TRAIN[1],
         val_image_dir: str | None = ISIC_VAL[0],
@@ -259,7 +265,7 @@ class MaskFolderDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb,
+            in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
         mask_name_regex(mask_pattern)  # a bad pattern fails at construction, not in setup
@@ -281,8 +287,10 @@ class MaskFolderDataModule(BaseDataModule):
     def _present(self, folder: str | None) -> Path | None:
         return None if folder is None or not (Path(self.root) / folder).is_dir() else Path(self.root) / folder
 
-    def _scan(self, dirs: tuple[str | None, str | None], masks: bool, what: str) -> list[MaskPair]:
-        image_dir, mask_dir = (Path(self.root) / d if d is not None else None for d in dirs)
+    def _scan(
+        self, dirs: tuple[str | None, str | None], masks: bool, what: str, root: str | None = None
+    ) -> list[MaskPair]:
+        image_dir, mask_dir = (Path(root or self.root) / d if d is not None else None for d in dirs)
         if masks and what != "training" and (mask_dir is None or not mask_dir.is_dir()):
             raise DataError(
                 f"{image_dir}: {what} images without their ground-truth folder {mask_dir}; add the masks, or "
@@ -307,6 +315,28 @@ class MaskFolderDataModule(BaseDataModule):
                 self._split["val"] = self._scan(self.val_dirs, True, "val")
         return self._split
 
+    def _held_out_pairs(self) -> list[MaskPair]:
+        """Every pair of ``test_dir``: its training, validation and test folders that exist."""
+        root = Path(self.test_dir)
+        require_dir(root, "test_dir dataset")
+        pairs: list[MaskPair] = []
+        for dirs, what in (
+            ((self.image_dir, self.mask_dir), "training"),
+            (self.val_dirs, "val"),
+            (self.test_dirs, "test"),
+        ):
+            if dirs[0] is not None and (root / dirs[0]).is_dir():
+                pairs += self._scan(dirs, True, what, str(root))
+        if not pairs:
+            raise DataError(
+                f"{root}: no image folder ({self.image_dir}, {self.val_dirs[0]}, {self.test_dirs[0]}) to test on"
+            )
+        ids = [p.id for p in pairs]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"{root}: an image name occurs in two of its folders; ids must be unique to be scored")
+        rank_zero_info(f"MaskFolderDataModule: testing on all {len(pairs)} image/mask pairs of {root}")
+        return pairs
+
     def _test_pairs(self, masks: bool) -> list[MaskPair]:
         if self._present(self.test_dirs[0]) is not None:
             return self._scan(self.test_dirs, masks, "test")
@@ -319,6 +349,9 @@ class MaskFolderDataModule(BaseDataModule):
         return pairs
 
     # ----------------------------------------------------------------- Lightning hooks
+    def collate_fn(self, train: bool):
+        return None if train else collate_file_masks
+
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
             split = self.splits()
@@ -334,7 +367,8 @@ class MaskFolderDataModule(BaseDataModule):
             self.val_set = MaskFolderDataset(split["val"], self.image_size, None, self.mask_threshold, self.cache)
         if stage == "test":
             # Test and predict read each image once: nothing to gain from keeping them.
-            self.test_set = MaskFolderDataset(self._test_pairs(masks=True), self.image_size, None, self.mask_threshold)
+            pairs = self._held_out_pairs() if self.test_dir is not None else self._test_pairs(masks=True)
+            self.test_set = MaskFolderDataset(pairs, self.image_size, None, self.mask_threshold, file_masks=True)
         if stage == "predict":
             if self.predict_dir is not None:
                 folder = require_dir(Path(self.predict_dir), "predict")
@@ -343,7 +377,7 @@ class MaskFolderDataModule(BaseDataModule):
                     raise DataError(f"{folder}: no images to predict")
                 if len({p.stem for p in paths}) != len(paths):
                     raise DataError(f"{folder}: several images share a name (stem); outputs would overwrite")
-                pairs = [MaskPair(p.stem, p, None, header_size(p)) for p in paths]
+                pairs = [MaskPair(p.stem, p, None, oriented_size(p)) for p in paths]
             else:
                 pairs = [MaskPair(p.id, p.image, None, p.size) for p in self._test_pairs(masks=False)]
             self.predict_set = MaskFolderDataset(pairs, self.image_size)

@@ -26,15 +26,24 @@ import cv2
 import h5py
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
 from octlightning.data.coords import column_positions, interpolate_gaps, resample_columns, rescale_rows
-from octlightning.data.formats.layer_h5 import LayerFileIndex, inspect_layer_file
+from octlightning.data.formats.layer_h5 import (
+    IMAGE_AXES,
+    LAYER_AXES,
+    LayerFileIndex,
+    check_axes,
+    inspect_layer_file,
+    read_along_n,
+)
 from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
 from octlightning.errors import ConfigError, DataError
 
 NanPolicy = Literal["mask", "interpolate"]
+SplitBy = Literal["file", "subject", "bscan"]
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -142,8 +151,11 @@ class OCTLayerDataset(Dataset):
         subjects: np.ndarray | None = None,
         transform: SeededTransform | None = None,
         cache: SampleCache | None = None,
+        image_axes: str = IMAGE_AXES,
+        layer_axes: str = LAYER_AXES,
     ) -> None:
         self.path = Path(path)
+        self.image_axes, self.layer_axes = image_axes, layer_axes
         self.indices = [int(i) for i in indices]
         self.image_key, self.layer_key = image_key, layer_key
         self.layer_indices = None if layer_indices is None else list(layer_indices)
@@ -172,7 +184,7 @@ class OCTLayerDataset(Dataset):
         return self._file
 
     def _read_image(self, i: int) -> np.ndarray:
-        raw = self._h5()[self.image_key][i]
+        raw = read_along_n(self._h5()[self.image_key], i, self.image_axes, IMAGE_AXES)
         if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
             raise DataError(f"{self.path}: {self.image_key!r}[{i}] holds non-finite (NaN/inf) pixel values")
         top = self.intensity_max
@@ -182,7 +194,7 @@ class OCTLayerDataset(Dataset):
 
     def read_target(self, i: int, height: int) -> tuple[np.ndarray, np.ndarray]:
         """Boundary rows of file sample ``i`` at ``output_width`` columns, in input pixels, and validity."""
-        lm = self._h5()[self.layer_key][i].astype(np.float64).T  # (L, W)
+        lm = read_along_n(self._h5()[self.layer_key], i, self.layer_axes, LAYER_AXES).astype(np.float64).T  # (L, W)
         if self.layer_indices is not None:
             lm = lm[self.layer_indices]
         if self.nan_policy == "interpolate":
@@ -238,8 +250,10 @@ class OCTLayerDataModule(BaseDataModule):
     Args:
         root: the HDF5 file.
         batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
-        val_fraction, test_fraction: held-out parts; below 1 a fraction, else a count, of subjects (or of
-            B-scans when the file has no subject dataset).
+        val_fraction, test_fraction: held-out parts; below 1 a fraction, else a count, of subjects (of
+            B-scans with ``split_by: bscan``).
+        test_dir: another HDF5 file of the same layout whose every annotated B-scan ``test`` scores
+            (``root``'s splits are not used for it); ``None`` tests ``root``'s test split.
         predict_dir: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
             the test split.
         in_channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.
@@ -253,7 +267,16 @@ class OCTLayerDataModule(BaseDataModule):
         boundary_names: one name per chosen boundary, top first (metric and CSV column names); ``None``:
             the file's ``boundary_names`` attribute where it has one, else ``ILM`` and ``BM`` when the
             first and last boundary are chosen (the default), else ``boundary<index>``.
-        image_key, layer_key, subject_key: dataset names in the file (``subject`` is optional).
+        image_key, layer_key, subject_key: dataset names in the file; the subject dataset (default
+            ``subject``; e.g. ``patient_indices`` in other exports) is needed to split by subject.
+        split_by: ``None`` (default): the file's own ``splits`` group when it has one
+            (:mod:`~octlightning.data.formats.layer_h5`), else by subject. ``file``: the ``splits``
+            group, required. ``subject``: seeded by ``subject_key`` (a file without it is an error
+            listing its datasets). ``bscan``: seeded by B-scan, for files without subjects, knowing
+            that B-scans of one eye then land in training and test and inflate every metric.
+        image_axes, layer_axes: the stored axis order of ``image_key`` (letters ``N``, ``H``, ``W``;
+            default ``NHW``) and ``layer_key`` (``N``, ``W``, ``L``; default ``NWL``). MATLAB exports
+            store ``HWN`` and ``LWN`` (or ``NLW``).
         nan_policy: ``mask`` (unannotated columns carry ``valid = False``; losses and metrics ignore
             them) or ``interpolate`` (interior gaps filled linearly, columns outside the annotation
             stay masked).
@@ -280,6 +303,7 @@ class OCTLayerDataModule(BaseDataModule):
         predict_dir: str | None = None,
         in_channels: Literal[1, 3] = 3,
         cache_mb: float = 1024,
+        test_dir: str | None = None,
         layer_indices: list[int] | None = None,
         boundary_names: list[str] | None = None,
         image_size: int | list[int] = 512,
@@ -287,6 +311,9 @@ class OCTLayerDataModule(BaseDataModule):
         image_key: str = "images",
         layer_key: str = "layer_maps",
         subject_key: str | None = "subject",
+        split_by: SplitBy | None = None,
+        image_axes: str = IMAGE_AXES,
+        layer_axes: str = LAYER_AXES,
         nan_policy: NanPolicy = "mask",
         pixel_spacing_um: float | None = None,
         intensity_max: float | None = None,
@@ -295,7 +322,7 @@ class OCTLayerDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb,
+            in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters(ignore=["boundary_names"])  # logged by the task, which gets them from here
         if nan_policy not in ("mask", "interpolate"):
@@ -310,6 +337,11 @@ class OCTLayerDataModule(BaseDataModule):
         self.output_width = output_width
         self._boundary_names = boundary_names
         self.image_key, self.layer_key, self.subject_key = image_key, layer_key, subject_key
+        if split_by not in (None, "file", "subject", "bscan"):
+            raise ValueError(f"split_by must be file, subject, bscan or null, not {split_by!r}")
+        self.split_by = split_by
+        self.image_axes = check_axes(image_axes, IMAGE_AXES, "image_axes")
+        self.layer_axes = check_axes(layer_axes, LAYER_AXES, "layer_axes")
         self.nan_policy = nan_policy
         self.pixel_spacing_um = pixel_spacing_um
         self.intensity_max = intensity_max
@@ -338,6 +370,8 @@ class OCTLayerDataModule(BaseDataModule):
             index.subjects,
             transform,
             self.cache if cache else None,
+            index.image_axes,
+            index.layer_axes,
         )
 
     @property
@@ -366,10 +400,20 @@ class OCTLayerDataModule(BaseDataModule):
     def file_index(self) -> LayerFileIndex:
         """Validate ``root`` once and remember its layout."""
         if self._index is None:
-            self._index = inspect_layer_file(
-                Path(self.root), self.image_key, self.layer_key, self.layer_indices, self.subject_key
-            )
+            self._index = self._inspect(Path(self.root))
         return self._index
+
+    def _inspect(self, path: Path, require_layers: bool = True) -> LayerFileIndex:
+        return inspect_layer_file(
+            path,
+            self.image_key,
+            self.layer_key,
+            self.layer_indices,
+            self.subject_key,
+            require_layers=require_layers,
+            image_axes=self.image_axes,
+            layer_axes=self.layer_axes,
+        )
 
     def split(self) -> dict[str, np.ndarray]:
         """File indices of the train/val/test B-scans: annotated samples only, grouped by subject."""
@@ -387,21 +431,34 @@ class OCTLayerDataModule(BaseDataModule):
             )
         if len(usable) == 0:
             raise DataError(f"{index.path}: every B-scan's chosen boundaries in {self.layer_key!r} are all NaN")
-        if index.subjects is None:
-            warnings.warn(
-                f"{index.path}: no {self.subject_key!r} dataset, splitting by B-scan; B-scans of one eye may "
-                f"land in different splits",
-                stacklevel=2,
-            )
-            groups = usable
-        else:
+        split_by = self.split_by or ("file" if index.file_splits is not None else "subject")
+        if split_by == "file":
+            if index.file_splits is None:
+                raise DataError(
+                    f"{index.path}: split_by is file but the file has no 'splits' group (datasets: {index.datasets}); "
+                    f"add splits/train, splits/val (and splits/test) index arrays or set split_by to subject or bscan"
+                )
+            rank_zero_info(f"OCTLayerDataModule: {index.path}: using the file's own splits (splits/train, val, test)")
+            self.splits = {k: np.intersect1d(v, usable) for k, v in index.file_splits.items()}
+            return self.splits
+        if split_by == "subject":
+            if index.subjects is None:
+                raise DataError(
+                    f"{index.path}: no subject dataset {self.subject_key!r} to split by subject (the file has "
+                    f"{index.datasets}); name the file's subject/patient dataset with subject_key (e.g. "
+                    f"subject_key: patient_indices), or set split_by: bscan to split by B-scan knowingly: "
+                    f"B-scans of one eye in training and test inflate every metric"
+                )
             groups = index.subjects[usable]
+        else:
+            groups = usable
         parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed)
         self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
         return self.splits
 
     def setup(self, stage: str) -> None:
-        if stage in ("fit", "validate", "test") or (stage == "predict" and self.predict_dir is None):
+        root_needed = stage in ("fit", "validate") or (stage == "test" and self.test_dir is None)
+        if root_needed or (stage == "predict" and self.predict_dir is None):
             index = self.file_index()
             split = self.split()
         if stage == "fit":
@@ -414,9 +471,22 @@ class OCTLayerDataModule(BaseDataModule):
                 raise DataError(f"{index.path}: the validation split is empty (val_fraction={self.val_fraction})")
             self.val_set = self._dataset(index, split["val"], self.layer_key, cache=True)
         if stage == "test":
-            if len(split["test"]) == 0:
-                raise DataError(f"{index.path}: the test split is empty (test_fraction={self.test_fraction})")
-            self.test_set = self._dataset(index, split["test"], self.layer_key)
+            if self.test_dir is not None:
+                tindex = self._inspect(Path(self.test_dir))
+                everything = np.flatnonzero(tindex.labelled)
+                if len(everything) == 0:
+                    raise DataError(f"{tindex.path}: no B-scan has an annotated column of the chosen boundaries")
+                rank_zero_info(
+                    f"OCTLayerDataModule: testing on all {len(everything)} annotated B-scans of {tindex.path}"
+                )
+                self.test_set = self._dataset(tindex, everything, self.layer_key)
+            else:
+                if len(split["test"]) == 0:
+                    raise DataError(
+                        f"{index.path}: the test split is empty (test_fraction={self.test_fraction}); set "
+                        f"test_fraction, or test_dir to test on every B-scan of another file"
+                    )
+                self.test_set = self._dataset(index, split["test"], self.layer_key)
         if stage == "predict":
             if self.predict_dir is None:
                 if len(split["test"]) == 0:
@@ -424,13 +494,6 @@ class OCTLayerDataModule(BaseDataModule):
                 self.predict_set = self._dataset(index, split["test"], self.layer_key)
             else:
                 # A file to predict need not be annotated; when it is, the boundaries are drawn too.
-                pindex = inspect_layer_file(
-                    Path(self.predict_dir),
-                    self.image_key,
-                    self.layer_key,
-                    self.layer_indices,
-                    self.subject_key,
-                    require_layers=False,
-                )
+                pindex = self._inspect(Path(self.predict_dir), require_layers=False)
                 layer_key = self.layer_key if pindex.num_boundaries is not None else None
                 self.predict_set = self._dataset(pindex, range(pindex.n), layer_key)

@@ -123,6 +123,9 @@ class OCTSemSegDataModule(BaseDataModule):
         volume_pattern: regular expression on file stems whose group 1 is the volume id (default
             ``<volume>_<digits>``); ``null`` disables per-volume scores.
         predict_dir: folder of B-scans to predict; ``None`` predicts the test split's B-scans.
+        test_dir: another dataset in this layout, with the same INFO.json classes, whose every annotated
+            B-scan ``test`` scores (its ``train/``, ``val/`` and ``test/``, or an evaluation-only
+            ``bscan/`` + ``semseg/``); ``None`` tests ``root``'s ``test/``.
         cache_mb: memory per loader process for decoded training and validation B-scans and class maps
             (see :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
@@ -139,6 +142,7 @@ class OCTSemSegDataModule(BaseDataModule):
         predict_dir: str | None = None,
         in_channels: Literal[1, 3] = 1,
         cache_mb: float = 1024,
+        test_dir: str | None = None,
         info: str | None = None,
         ignore_labels: list[str] | None = None,
         normalize: Literal["unit", "imagenet"] = "unit",
@@ -148,7 +152,7 @@ class OCTSemSegDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb,
+            in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
         if val_fraction or test_fraction:
@@ -191,6 +195,24 @@ class OCTSemSegDataModule(BaseDataModule):
         cached = self.cache if cache else None  # test/predict read each file once
         return OCTSemSegDataset(items, self.info, transform, self.in_channels, self.normalize, cached)
 
+    def _held_out_items(self, root: Path) -> list[SemSegItem]:
+        """Every annotated B-scan of another dataset in this layout (all its splits)."""
+        require_dir(root, "test_dir dataset")
+        info_path = root / "INFO.json"
+        if info_path.is_file():
+            other = read_info(info_path, self.ignore_labels)
+            if (other.values, other.names) != (self.info.values, self.info.names):
+                raise DataError(
+                    f"{info_path}: classes {list(other.names)} (values {list(other.values)}) differ from "
+                    f"{self.info_path}'s {list(self.info.names)} ({list(self.info.values)}); cannot score them"
+                )
+        folders = [root / s for s in ("train", "val", "test") if (root / s).is_dir()] or [split_folder(root, "test")]
+        items = [item for folder in folders for item in scan_split(folder, True, self.volume_pattern)]
+        ids = [i.id for i in items]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"{root}: a B-scan name occurs in two of its splits; ids must be unique to be scored")
+        return items
+
     def setup(self, stage: str) -> None:
         self._info = read_info(self.info_path, self.ignore_labels)  # fail early on a bad INFO.json
         if stage in ("fit", "validate"):
@@ -199,7 +221,11 @@ class OCTSemSegDataModule(BaseDataModule):
             val = scan_split(self._split_folder("val"), True, self.volume_pattern)
             self.val_set = self._dataset(val, False, cache=True)
         if stage == "test":
-            self.test_set = self._dataset(scan_split(self._split_folder("test"), True, self.volume_pattern), False)
+            if self.test_dir is not None:
+                items = self._held_out_items(Path(self.test_dir))
+            else:
+                items = scan_split(self._split_folder("test"), True, self.volume_pattern)
+            self.test_set = self._dataset(items, False)
         if stage == "predict":
             if self.predict_dir is not None:
                 paths = list_images(require_dir(Path(self.predict_dir), "predict"))

@@ -20,7 +20,9 @@ class Sample(TypedDict, total=False):
         image: ``(C, H, W)`` float32, the network input, normalised (``C`` = the DataModule's
             ``in_channels``; ``H``, ``W`` in network-input pixels).
         id: ``str``, unique within its split: the file stem, ``<case>_<slice>`` or the B-scan index;
-            prediction files are named after it.
+            result-table rows are named after it.
+        stem: ``str``, the input file's name without extension, where it differs from ``id`` (DRIVE's
+            ``01_test`` for id ``01``); prediction files are named after it (else after ``id``).
         size: ``(2,)`` int64, height and width of the image content before the batch was padded to a
             common size; pixels beyond it are padding that losses and metrics skip. For OCT layer
             samples (resized, not padded) it is the B-scan's height and width in the file, which
@@ -28,6 +30,9 @@ class Sample(TypedDict, total=False):
         file_size: ``(2,)`` int64, height and width of the image as stored on disk, present where the
             DataModule resized it to the network input (ISIC folders); predictions are written, and
             test scores computed, at this size.
+        file_mask: ``(1, *file_size)`` uint8 class labels, the reference as stored on disk (test samples of
+            DataModules that resize, ISIC folders): the test scores are computed against it. Batched, it
+            stays a list of tensors (sizes differ).
 
     Segmentation:
         mask: ``(1, H, W)`` int64 class labels (0 = background; binary tasks: 0/1).
@@ -52,8 +57,10 @@ class Sample(TypedDict, total=False):
 
     image: Tensor
     id: str
+    stem: str
     size: Tensor
     file_size: Tensor
+    file_mask: Tensor
     mask: Tensor
     fov: Tensor
     volume: str

@@ -112,3 +112,15 @@ def test_a_missing_dataset_is_a_data_error_naming_it(datamodule, tmp_path):
     dm = type(datamodule)(**{**datamodule.hparams, "root": str(missing)})
     with pytest.raises(DataError, match="no_such_dataset"):
         dm.setup("fit")
+
+
+# Every annotated sample of each fixture (all its splits): what `test` scores with test_dir pointing at it.
+ALL_ANNOTATED = {"fundus": 11, "mask_folder": 8, "oct_layers": 11, "oct_semseg": 6, "retouch": 6 * 4}
+
+
+def test_test_dir_scores_every_annotated_sample_of_a_held_out_dataset(datamodule, request):
+    name = request.node.callspec.params["datamodule"]
+    dm = type(datamodule)(**{**datamodule.hparams, "test_dir": datamodule.root})
+    dm.setup("test")
+    assert len(dm.test_set) == ALL_ANNOTATED[name]
+    assert all({"mask", "coords"} & set(dm.test_set[i]) for i in range(len(dm.test_set)))  # scorable

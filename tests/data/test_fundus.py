@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from octlightning.data.fundus import FundusVesselDataModule
+from octlightning.data.fundus import FundusVesselDataModule, load_fundus_records
 from octlightning.errors import DataError
 from tests.conftest import shared
 
@@ -99,8 +99,10 @@ def test_fraction_mismatch_is_an_error_naming_both_files(drive_root, tmp_path):
 
 
 def test_missing_folder_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="training"):
+    with pytest.raises(DataError, match="nowhere.*not found"):
         _dm(tmp_path / "nowhere").setup("fit")
+    with pytest.raises(DataError, match="training"):
+        _dm(tmp_path / "nowhere", layout="drive").setup("fit")
 
 
 def test_folder_layout_with_different_sizes_pads_per_batch(tmp_path):
@@ -131,3 +133,73 @@ def test_real_drive_training_set_loads():
         assert r.vessels[r.fov == 0].sum() < 0.01 * r.vessels.sum() + 50
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set)) == (16, 4)
+
+
+# ----------------------------------------------------------------------------- layouts as distributed
+def test_the_layout_is_recognised_from_the_folder_and_said(drive_root, tmp_path, caplog):
+    from tests.fixtures.fundus import write_chase_layout, write_folder_layout, write_kaggle_layout
+
+    roots = {
+        "drive": drive_root,
+        "chase": write_chase_layout(tmp_path / "CHASEDB1"),
+        "kaggle": write_kaggle_layout(tmp_path / "kaggle"),
+        "folder": write_folder_layout(tmp_path / "plain"),
+    }
+    roots["kaggle Data/"] = roots["kaggle"] / "Data"  # the Data/ folder itself works too
+    for name, root in roots.items():
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            dm = _dm(root, augment=False)
+            dm.setup("fit")
+            dm.setup("test")
+        layout = name.split()[0]
+        said = [r.getMessage() for r in caplog.records if "layout" in r.getMessage()]
+        assert said == [f"FundusVesselDataModule: {root} has the {layout} layout (detected; set layout to override)"]
+        assert len(dm.test_set) == 2 and dm.hparams.layout is None
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataError, match=r"other: no fundus layout recognised.*Data/train/image.*set layout"):
+        _dm(tmp_path / "other").setup("fit")
+
+
+def test_kaggle_masks_are_cut_at_127_and_the_fov_comes_from_the_image(tmp_path):
+    from tests.fixtures.fundus import write_kaggle_layout
+
+    root = write_kaggle_layout(tmp_path / "kaggle", n_train=2)
+    grey = np.asarray(Image.open(root / "Data" / "train" / "mask" / "0.png"))
+    assert grey.dtype == np.uint8 and len(np.unique(grey)) > 2  # interpolated grey edges, as distributed
+    files = [("0", root / "Data" / "train" / "image" / "0.png", root / "Data" / "train" / "mask" / "0.png", None)]
+    with pytest.raises(DataError, match="0.png.*not binary.*mask_threshold"):
+        load_fundus_records(files, clahe=False)  # strictly two-valued, as other layouts: refused, naming the fix
+    dm = _dm(root, val_fraction=0.5, augment=False)
+    records = {r.id: r for r in dm._training_records()}
+    np.testing.assert_array_equal(records["0"].vessels, (grey > 127).astype(np.uint8))
+    fov = records["0"].fov
+    assert 0.5 < fov.mean() < 0.95  # the dark corners outside the retina are not counted
+    assert records["0"].vessels[fov == 0].sum() <= 0.02 * records["0"].vessels.sum() + 5
+    lenient = {r.id: r for r in _dm(root, mask_threshold=20)._training_records()}
+    assert lenient["0"].vessels.sum() > records["0"].vessels.sum()  # the option moves the cut
+
+
+def test_chase_validation_keeps_both_eyes_of_a_child_in_one_split(tmp_path):
+    from tests.fixtures.fundus import write_chase_layout
+
+    root = write_chase_layout(tmp_path / "CHASEDB1", children=(1, 2, 3, 4, 5, 6, 11))
+    for seed in range(6):
+        dm = _dm(root, layout="chase", seed=seed, val_fraction=0.34, augment=False)
+        dm.setup("fit")
+        train = {r.id[6:8] for r in dm.train_set.records}
+        val = {r.id[6:8] for r in dm.val_set.records}
+        # today's code split by image: one eye of a child in training, the other in validation
+        assert not train & val, f"seed {seed}: children {sorted(train & val)} in both splits"
+        assert len(dm.val_set.records) == 4 and len(dm.train_set.records) == 8
+    dm.setup("test")
+    assert [r.id for r in dm.test_set.records] == ["Image_11L", "Image_11R"]
+
+
+def test_test_dir_scores_every_annotated_image_of_another_dataset(drive_root, tmp_path):
+    from tests.fixtures.fundus import write_chase_layout
+
+    chase = write_chase_layout(tmp_path / "CHASEDB1")
+    dm = _dm(drive_root, test_dir=str(chase))
+    dm.setup("test")
+    assert sorted(r.id for r in dm.test_set.records) == sorted(f"Image_{c:02d}{e}" for c in (1, 2, 3, 11) for e in "LR")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -112,11 +113,14 @@ def test_subject_split_is_seeded_disjoint_and_excludes_unannotated_scans(h5file)
     assert all((again.splits[k] == dm.splits[k]).all() for k in dm.splits)
 
 
-def test_without_subjects_the_split_is_by_bscan(tmp_path):
+def test_without_subjects_splitting_by_bscan_is_an_explicit_choice(tmp_path):
     path = write_layer_file(tmp_path / "nosubj.h5", subject=None)
-    dm = _dm(path, val_fraction=0.2, test_fraction=2)
-    with pytest.warns(UserWarning, match="splitting by B-scan"):
-        dm.setup("fit")
+    # today's code warned and split by B-scan: one eye in training and test, every metric inflated
+    listed = r"nosubj.h5.*no subject dataset 'subject'.*'images'.*'layer_maps'.*subject_key.*split_by: bscan"
+    with pytest.raises(DataError, match=listed):
+        _dm(path, val_fraction=0.2, test_fraction=2).setup("fit")
+    dm = _dm(path, val_fraction=0.2, test_fraction=2, split_by="bscan")
+    dm.setup("fit")
     assert (len(dm.splits["val"]), len(dm.splits["test"])) == (2, 2)
 
 
@@ -189,8 +193,8 @@ def test_horizontal_flip_reverses_columns_and_round_trips(h5file):
         ({"layer_maps": None}, {}, "no dataset 'layer_maps'"),
         ({"images": np.zeros((N, H), np.uint8)}, {}, r"'images' has shape \(12, 48\)"),
         ({"layer_maps": np.zeros((N, W, L, 1), np.float32)}, {}, "'layer_maps'.*3 dimensions"),
-        ({"layer_maps": np.full((N, L, W), 10, np.float32)}, {}, r"stored as \(N, L, W\)"),
-        ({"layer_maps": np.full((N - 1, W, L), 10, np.float32)}, {}, "12 B-scans but 'layer_maps' holds 11"),
+        ({"layer_maps": np.full((N, L, W), 10, np.float32)}, {}, "widths.*fit image_axes: NHW, layer_axes: NLW"),
+        ({"layer_maps": np.full((N - 1, W, L), 10, np.float32)}, {}, r"\(N=12.*\(N=11.*numbers of B-scans"),
         ({}, {"layer_indices": [0, 3]}, r"layer_indices \[0, 3\] out of range.*3 boundaries"),
         ({"layer_maps": np.full((N, W, L), np.nan, np.float32)}, {}, "'layer_maps' are all NaN"),
         ({"layer_maps": np.full((N, W, L), np.inf, np.float32)}, {}, r"'layer_maps'\[0\] holds infinite"),
@@ -445,3 +449,75 @@ def test_real_duke_dme_file_loads_with_subject_wise_splits():
     coords, valid = batch["coords"], batch["valid"]
     assert 0.5 < valid.float().mean() < 0.9  # Duke annotates the central columns only
     assert (coords[:, 0][valid.all(1)] < coords[:, 1][valid.all(1)]).all()  # ILM above BM
+
+
+# ----------------------------------------------------------------------------- files as researchers export them
+def _samples(dm: OCTLayerDataModule, dataset) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {s["id"]: (s["image"].numpy(), s["coords"].numpy()) for s in (dataset[i] for i in range(len(dataset)))}
+
+
+@pytest.mark.parametrize(
+    "image_axes, layer_axes", [("HWN", "NWL"), ("HWN", "LWN"), ("NHW", "NLW"), ("NWH", "LWN")]
+)  # scipy.io.loadmat order; both transposed; (N, L, W) maps; a v7.3 .mat read by h5py (all axes reversed)
+def test_matlab_order_arrays_read_through_the_axis_options(tmp_path, image_axes, layer_axes):
+    reference = _dm(write_layer_file(tmp_path / "ref.h5"), augment=False)
+    reference.setup("fit")
+    with h5py.File(tmp_path / "ref.h5") as f:
+        images, maps, subjects = f["images"][()], f["layer_maps"][()], f["subject"][()]
+    order = {"N": 0, "H": 1, "W": 2}
+    lorder = {"N": 0, "W": 1, "L": 2}
+    path = tmp_path / "matlab.h5"
+    with h5py.File(path, "w") as f:
+        f["images"] = images.transpose([order[a] for a in image_axes])
+        f["layer_maps"] = maps.transpose([lorder[a] for a in layer_axes])
+        f["subject"] = subjects
+    with pytest.raises(DataError, match=r"matlab.h5.*image_axes.*layer_axes"):
+        _dm(path).setup("fit")  # today's code: no option, and an error that did not say how to read it
+    dm = _dm(path, image_axes=image_axes, layer_axes=layer_axes, augment=False)
+    dm.setup("fit")
+    assert dm.splits.keys() == reference.splits.keys()
+    for name in ("train", "val"):
+        np.testing.assert_array_equal(dm.splits[name], reference.splits[name])
+    got, want = _samples(dm, dm.val_set), _samples(reference, reference.val_set)
+    for key in want:
+        np.testing.assert_array_equal(got[key][0], want[key][0])
+        np.testing.assert_array_equal(got[key][1], want[key][1])
+
+
+def test_a_subject_dataset_of_another_name_is_an_option(tmp_path):
+    path = write_layer_file(tmp_path / "amd.h5", subject=None, patient_indices=np.repeat([7.0, 8.0, 9.0, 10.0], 3))
+    dm = _dm(path, subject_key="patient_indices")
+    dm.setup("fit")
+    subjects = dm.file_index().subjects
+    parts = {k: set(subjects[v].tolist()) for k, v in dm.splits.items()}
+    assert all(len(p) == 1 for p in (parts["val"], parts["test"])) and not parts["train"] & parts["val"]
+
+
+def test_the_files_own_splits_group_is_honoured(tmp_path):
+    splits = {"train": [0, 1, 2, 6, 7, 8], "val": [3, 4, 5], "test": [9, 10, 11]}
+    path = write_layer_file(tmp_path / "published.h5", subject=None)
+    with h5py.File(path, "a") as f:
+        for name, idx in splits.items():
+            f[f"splits/{name}"] = np.asarray(idx)
+    dm = _dm(path)
+    dm.setup("fit")
+    # B-scan EMPTY (5) has no annotated column: excluded from its split, as from any split
+    assert {k: v.tolist() for k, v in dm.splits.items()} == {**splits, "val": [3, 4]}
+    by_bscan = _dm(path, split_by="bscan")  # an explicit choice wins over the file's group
+    by_bscan.setup("fit")
+    assert by_bscan.splits["val"].tolist() != [3, 4]
+    with h5py.File(path, "a") as f:
+        f["splits/test"][0] = 4
+    with pytest.raises(DataError, match=r"published.h5: splits/val and splits/test share B-scans \[4\]"):
+        _dm(path).setup("fit")
+    plain = write_layer_file(tmp_path / "plain.h5")
+    with pytest.raises(DataError, match=r"plain.h5: split_by is file but the file has no 'splits' group"):
+        _dm(plain, split_by="file").setup("fit")
+
+
+def test_test_dir_scores_every_bscan_of_another_file(h5file, tmp_path):
+    other = write_layer_file(tmp_path / "held_out.h5", subject=None)  # no subjects: nothing to split
+    dm = _dm(h5file, test_dir=str(other), augment=False)
+    # today's code could only test a split of root: "cannot split 2 groups into parts of [0, 2]"
+    dm.setup("test")
+    assert len(dm.test_set) == N - 1 and dm.test_set.path == other  # every annotated B-scan (EMPTY has none)

@@ -29,12 +29,11 @@ from octlightning.metrics import hausdorff_percentile, hd95_per_class
 from octlightning.models.foundation import FoundationSegNet
 from octlightning.tasks.segmentation import SegmentationTask
 from tests.conftest import REPO, shared
+from tests.fixtures.oct_layers import DUKE_H as H
+from tests.fixtures.oct_layers import DUKE_W as W
 from tests.fixtures.oct_layers import write_oct_h5
 
 CONFIG = str(REPO / "hparams" / "duke_dme_foundation.json")
-H, W = 32, 40
-
-
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +186,18 @@ def test_hd95_on_hand_made_masks():
     b = np.roll(a, (3, 4), axis=(0, 1))
     assert hausdorff_percentile(a, b, 100) == pytest.approx(5.0)
     assert hausdorff_percentile(a, b, 95, spacing=(2.0, 1.0)) <= hausdorff_percentile(a, b, 100, spacing=(2.0, 1.0))
-    # per class: absent from both -> 0; absent from one -> the image diagonal; outside `valid` ignored
+    # per class: absent from both -> NaN (skipped by means); absent from one -> the image diagonal;
+    # outside `valid` ignored
     labels_ref = np.zeros((30, 40), np.int64)
     labels_ref[5:10, :] = 1
     labels_pred = labels_ref.copy()
     labels_pred[20:22, 0:5] = 2
     valid = np.ones_like(ref[:30, :40])
     hd = hd95_per_class(labels_pred, labels_ref, 4, valid)
-    assert hd.tolist() == [0.0, pytest.approx(50.0), 0.0]
+    assert hd[0] == 0.0 and hd[1] == pytest.approx(50.0) and np.isnan(hd[2])
     valid[20:22, 0:5] = False
-    assert hd95_per_class(labels_pred, labels_ref, 4, valid).tolist() == [0.0, 0.0, 0.0]
+    hd = hd95_per_class(labels_pred, labels_ref, 4, valid)
+    assert hd[0] == 0.0 and np.isnan(hd[1:]).all()
 
 
 def test_hausdorff_matches_torchmetrics_at_the_100th_percentile():
@@ -374,10 +375,10 @@ def test_recipe_fits_and_tests_through_the_cli(semseg_root, tiny_ckpt, tmp_path)
     rows = list(csv.DictReader(open(run_dir / "test_metrics.csv")))
     assert [r["id"] for r in rows][-1] == "mean" and len(rows) == 3
     for r in rows:
-        assert 0 <= float(r["dice_Fluid"]) <= 1 and 0 <= float(r["hd95_NFL"]) <= np.hypot(H, W) + 1e-6
+        assert 0 <= float(r["dice_Fluid"]) <= 1 and 0 <= float(r["hd95_px_NFL"]) <= np.hypot(H, W) + 1e-6
     volumes = list(csv.DictReader(open(run_dir / "test_volumes.csv")))
     assert volumes[0]["volume"].startswith("subject") and volumes[0]["slices"] == "2"
-    assert float(volumes[0]["hd95"]) == pytest.approx(np.mean([float(r["hd95"]) for r in rows[:2]]))
+    assert float(volumes[0]["hd95_px"]) == pytest.approx(np.nanmean([float(r["hd95_px"]) for r in rows[:2]]))
     # predicted class maps feed straight into the evaluation command and score like the test step
     cli = run_cli(
         _cli_args("predict", semseg_root, tmp_path, tiny_ckpt, "--model.init_args.net.init_args.mode", "finetune")
@@ -387,7 +388,7 @@ def test_recipe_fits_and_tests_through_the_cli(semseg_root, tiny_ckpt, tmp_path)
     evaluated = list(csv.DictReader(open(scores)))
     assert [r["id"] for r in evaluated] == [r["id"] for r in rows]
     assert float(evaluated[-1]["dice"]) == pytest.approx(float(rows[-1]["dice"]), abs=1e-6)
-    assert float(evaluated[-1]["hd95"]) == pytest.approx(float(rows[-1]["hd95"]), abs=1e-6)
+    assert float(evaluated[-1]["hd95_px"]) == pytest.approx(float(rows[-1]["hd95_px"]), abs=1e-6)
 
 
 def test_evaluate_command_scores_a_prediction_folder(semseg_root, tmp_path, capsys):
@@ -402,7 +403,7 @@ def test_evaluate_command_scores_a_prediction_folder(semseg_root, tmp_path, caps
     evaluate_main([str(preds), str(semseg_root / "test"), "--out", str(out)])
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 3 and rows[-1]["id"] == "mean"
-    assert float(rows[-1]["dice"]) == 1.0 and float(rows[-1]["hd95"]) == 0.0
+    assert float(rows[-1]["dice"]) == 1.0 and float(rows[-1]["hd95_px"]) == 0.0
     assert (tmp_path / "scores_volumes.csv").is_file()
     assert "2 images: dice 1.0000" in capsys.readouterr().out
     # shift the fluid of one prediction by 2 rows: its Fluid HD95 becomes 2, its Dice drops
@@ -413,7 +414,7 @@ def test_evaluate_command_scores_a_prediction_folder(semseg_root, tmp_path, caps
     Image.fromarray(labels).save(preds / f"{refs[0].stem}_mask.png")
     evaluate_main([str(preds), str(semseg_root / "test"), "--out", str(out), "--no-volumes"])
     first = next(csv.DictReader(open(out)))
-    assert float(first["hd95_Fluid"]) == pytest.approx(2.0) and float(first["dice_Fluid"]) < 1
+    assert float(first["hd95_px_Fluid"]) == pytest.approx(2.0) and float(first["dice_Fluid"]) < 1
     (preds / f"{refs[1].stem}_mask.png").unlink()
     with pytest.raises(SystemExit, match=refs[1].stem):
         evaluate_main([str(preds), str(semseg_root / "test"), "--out", str(out)])

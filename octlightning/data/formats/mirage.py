@@ -155,10 +155,16 @@ def write_info(path: str | Path, names: list[str], values: list[int], ignore_val
 
 
 def read_value_mask(path: Path) -> np.ndarray:
-    """A class-map PNG as a 2-D integer array of its stored intensities (8 or 16 bit, gray or equal RGB)."""
+    """A class-map PNG as a 2-D integer array of its stored intensities (8 or 16 bit, gray or equal RGB).
+
+    An alpha channel (grey + alpha ``LA``, ``RGBA``, as image editors save a map with transparency)
+    is dropped: the class is the stored intensity, whatever its opacity.
+    """
     im = load_image(path, "mask")
     if im.mode == "P":
         im = im.convert("RGB")
+    if im.mode in ("LA", "La"):
+        im = im.getchannel("L")
     arr = np.asarray(im)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)

@@ -32,6 +32,8 @@ class RetouchDataModule(BaseDataModule):
         predict_dir: another folder of cases to predict (matched to this dataset's reference histogram).
             Without it, ``predict`` takes the cases without ``reference.mhd``, or the test cases when every
             case is labelled.
+        test_dir: another folder of cases whose every labelled case ``test`` scores (preprocessed like
+            ``predict_dir``); ``None`` tests ``root``'s test cases.
         in_channels: network input channels: 1 (grey) or 3 (grey repeated, for RGB-pretrained encoders).
         cache_mb: memory per loader process for the candidate patch centres of each training B-scan
             (see :class:`~octlightning.data.base.SampleCache`; 0 finds them again for every patch).
@@ -72,6 +74,7 @@ class RetouchDataModule(BaseDataModule):
         predict_dir: str | None = None,
         in_channels: int = 1,
         cache_mb: float = 1024,
+        test_dir: str | None = None,
         cache_dir: str | None = None,
         vendor: str | None = None,
         histogram_reference: str | None = "Spectralis",
@@ -94,7 +97,7 @@ class RetouchDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb,
+            in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
         if histogram_reference is not None and histogram_reference not in VENDORS:
@@ -124,7 +127,7 @@ class RetouchDataModule(BaseDataModule):
         self.pad_to = pad_to
         self.cache = SampleCache(cache_mb)
         self._store: VolumeStore | None = None
-        self._predict_store: VolumeStore | None = None
+        self._other_stores: dict[str, VolumeStore] = {}  # predict_dir and test_dir, preprocessed
 
     # ----------------------------------------------------------------- what the model must agree with
     @property
@@ -148,19 +151,22 @@ class RetouchDataModule(BaseDataModule):
             self._store = VolumeStore(build_cache(self.cases(), self.settings, self.cache_dir))
         return self._store
 
-    def predict_store(self) -> VolumeStore:
-        """The preprocessed ``predict_dir`` cases, matched to this dataset's reference histogram."""
-        if self._predict_store is None:
+    def predict_store(self, folder: str | None = None) -> VolumeStore:
+        """The preprocessed cases of ``folder`` (default ``predict_dir``), matched to this dataset's
+        reference histogram."""
+        folder = folder or self.predict_dir
+        if folder not in self._other_stores:
             reference = self.store().reference_hist if self.settings.histogram_reference else None
-            cases = self.cases(self.predict_dir)
-            self._predict_store = VolumeStore(build_cache(cases, self.settings, self.cache_dir, reference))
-        return self._predict_store
+            cases = self.cases(folder)
+            self._other_stores[folder] = VolumeStore(build_cache(cases, self.settings, self.cache_dir, reference))
+        return self._other_stores[folder]
 
     def prepare_data(self) -> None:
         # Runs once per node before setup on every rank: the cache is built here, read in setup.
         self.store()
-        if self.predict_dir:
-            self.predict_store()
+        for folder in (self.predict_dir, self.test_dir):
+            if folder:
+                self.predict_store(folder)
 
     # ----------------------------------------------------------------- splits
     def split(self) -> dict[str, list[str]]:
@@ -232,7 +238,13 @@ class RetouchDataModule(BaseDataModule):
                 self.cache,
                 self.in_channels,
             )
-        if stage == "test":
+        if stage == "test" and self.test_dir:
+            tstore = self.predict_store(self.test_dir)
+            labelled = sorted(c.name for c in tstore.cases.values() if c.labelled)
+            if not labelled:
+                raise DataError(f"{self.test_dir}: no case with reference.mhd to test on")
+            self.test_set = RetouchSliceDataset(tstore, labelled, self.in_channels)
+        elif stage == "test":
             if not parts["test"]:
                 raise DataError(
                     f"{self.root}: no test cases; set test_fraction > 0 or test_cases "
