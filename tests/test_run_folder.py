@@ -55,7 +55,8 @@ def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, driv
     run_cli(_args("predict", drive_root, runs, "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
                   "--comet", "false"))  # fmt: skip
     out = fitted / "predictions"
-    assert sorted(p.name for p in out.glob("01_*.png")) == ["01_mask.png", "01_overlay.png", "01_prob.png"]
+    names = sorted(p.name for p in out.glob("01_*.png"))
+    assert names == ["01_test_mask.png", "01_test_overlay.png", "01_test_prob.png"]  # the input stem 01_test
     assert (out / "config.yaml").is_file() and (fitted / "config.yaml").read_text() == config
     assert sorted(p.name for p in fitted.parent.iterdir()) == ["version_0"]
 
