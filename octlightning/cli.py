@@ -151,7 +151,9 @@ class OctLightningCLI(LightningCLI):
     Added options (top level of the config):
         experiment: run-folder name under ``trainer.default_root_dir`` (default: the config file stem).
         version: run-folder version (default: the next ``version_N``). Naming an existing version whose
-            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``.
+            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``;
+            ``--ckpt_path last`` without it resumes the latest saved version (see :meth:`_run_location`).
+            ``test``/``predict`` of a run's own checkpoint write into that run (see :meth:`stage_dir`).
         comet: log to Comet (online with ``COMET_API_KEY``, else an offline archive in the run folder).
         comet_project: Comet project (default: the experiment name).
         comet_tags: Comet experiment tags (sweeps tag each run with the sweep name and its overrides).
