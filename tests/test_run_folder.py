@@ -101,9 +101,9 @@ def test_fit_on_broken_data_leaves_no_run_folder_and_no_comet_archive(drive_root
 def test_check_data_names_every_broken_file_of_every_split_without_building_the_model(tmp_path, capsys):
     root = write_isic_layout(tmp_path / "isic", with_val=True, with_test=True)
     broken = [
-        next((root / ISIC_TRAIN[0]).glob("*.jpg")),  # a training image cut short
-        next((root / ISIC_VAL[1]).glob("*.png")),  # a validation mask cut short
-        next((root / ISIC_TEST[0]).glob("*.jpg")),  # a test image cut short
+        sorted((root / ISIC_TRAIN[0]).glob("*.jpg"))[0],  # a training image cut short
+        sorted((root / ISIC_VAL[0]).glob("*.jpg"))[0],  # a validation image cut short
+        sorted((root / ISIC_TEST[1]).glob("*.png"))[0],  # a test mask cut short (its path says "Test")
     ]
     for path in broken:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
