@@ -55,14 +55,20 @@ class LastCheckpoint(ModelCheckpoint):
     a second to write; an epoch of the 20-image DRIVE set takes less than that on one GPU, so saving
     after every epoch would more than double the training time. ``last.ckpt`` is therefore written:
 
-    - at the end of a training epoch once ``every_s`` seconds have passed since the previous save
-      (``0``: every epoch) -- a hard kill (SIGKILL, out-of-memory, power) loses at most that much;
+    - between two training epochs once ``every_s`` seconds have passed since the previous save
+      (``0``: after every epoch) -- a hard kill (SIGKILL, out-of-memory, power) loses at most that much;
     - when training ends (max_epochs, max_steps, early stopping), so a finished run is complete;
     - when the run is stopped by SIGTERM (SLURM pre-emption, ``kill``, a sweep's Ctrl-C): Lightning
       stops cleanly after the current batch but would save nothing.
 
-    Saves happen at epoch ends (resuming mid-epoch would replay or skip batches), atomically (Lightning
-    writes a temporary file, then renames it, so a kill during a save leaves the previous file).
+    Logs agree with the checkpoint: every logger is flushed (``metrics.csv`` written, Comet's queue
+    drained) *before* the file is written, so whatever ``last.ckpt`` records as done is on disk in the
+    logs. That is also why the epoch save happens at the start of the next epoch rather than in
+    ``on_train_epoch_end``: Lightning logs an epoch's training means (``train/loss_epoch``) after every
+    ``on_train_epoch_end`` hook, so a checkpoint written there would call the epoch finished while its
+    means are not logged yet, and a kill in between would lose them for good. Saves happen between
+    epochs (resuming mid-epoch would replay or skip batches), atomically (Lightning writes a temporary
+    file, then renames it, so a kill during a save leaves the previous file).
     """
 
     def __init__(self, every_s: float = 60.0, dirpath: str | Path | None = None) -> None:
@@ -71,19 +77,30 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self.every_s = every_s
         self._last_save_time = time.monotonic()
+        self._due = False  # the epoch that just ended is to be saved when the next one starts
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save_time = time.monotonic()
+        self._due = False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         due = time.monotonic() - self._last_save_time >= self.every_s
         # Every rank must make the same choice: saving is a collective call under DDP.
-        if trainer.strategy.broadcast(due, src=0):
-            self._save_now(trainer, pl_module)
+        self._due = bool(trainer.strategy.broadcast(due, src=0))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Checkpoint callbacks run after all others, so this epoch's learning rate is logged too.
+        if self._due:
+            # The epoch loop clears its batch counters only after this hook; saved as they are, they
+            # would tell a resumed run that this epoch's batches were done (it would skip the epoch).
+            # Clearing them now is what the loop does next anyway (its reset for a new, not resumed, run).
+            trainer.fit_loop.epoch_loop.reset()
+            self._save_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save_now(trainer, pl_module)  # skipped when the last epoch end already saved this step
+        if self._last_global_step_saved != trainer.global_step:  # not already saved at this step
+            self._save_now(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
@@ -93,14 +110,20 @@ class LastCheckpoint(ModelCheckpoint):
             return
         if self.dirpath is None:
             return
-        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        path = self._save_now(trainer)
         if trainer.is_global_zero:
             print(f"octlightning: SIGTERM received, saved {path}", flush=True)
 
-    def _save_now(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
+    def _save_now(self, trainer: L.Trainer) -> Path:
+        """Flush every logger, then write ``last.ckpt`` (and tell the loggers, as ModelCheckpoint does)."""
+        for logger in trainer.loggers:
+            logger.save()
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        self._save_checkpoint(trainer, str(path))
+        self.last_model_path = str(path)
         self._last_save_time = time.monotonic()
+        self._due = False
+        return path
 
 
 class FreezeBackbone(BaseFinetuning):
@@ -218,7 +241,13 @@ class FreezeBackbone(BaseFinetuning):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         restarting = self._restarting
         super().on_fit_start(trainer, pl_module)  # a resumed run gets its stored groups back here
-        if not self._by_gradients or self.unfreeze_at_epoch == 0 or restarting:
+        if restarting:
+            # The schedulers were built by configure_optimizers for the groups of a fresh run; the
+            # encoder's group restored above needs its entry too before their state is loaded.
+            for optimizer in trainer.optimizers:
+                self._extend_schedulers(trainer, optimizer)
+            return
+        if not self._by_gradients or self.unfreeze_at_epoch == 0:
             return
         # Move the encoder's parameters out of the group(s) the task built into one of their own.
         encoder = {id(p) for p in self._encoder_params(pl_module)}
@@ -256,22 +285,27 @@ class FreezeBackbone(BaseFinetuning):
         self._extend_schedulers(pl_module.trainer, optimizer)
 
     def _extend_schedulers(self, trainer: L.Trainer, optimizer: Optimizer) -> None:
-        """Give the optimiser's LR schedulers an entry for the new group (LambdaLR etc. fail without)."""
+        """Give the optimiser's LR schedulers an entry for each group they lack (LambdaLR etc. fail without).
+
+        A group added here runs at ``lr_factor`` times the first group's base rate, on the first group's
+        schedule; a resumed run then loads the stored values over these.
+        """
         n = len(optimizer.param_groups)
-        group = optimizer.param_groups[-1]
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
             if getattr(sched, "optimizer", None) is not optimizer:
                 continue
-            if len(getattr(sched, "base_lrs", [])) == n - 1:
-                sched.base_lrs.append(sched.base_lrs[0] * self.lr_factor)
-                group.setdefault("initial_lr", sched.base_lrs[-1])
+            base_lrs = getattr(sched, "base_lrs", None)
+            while isinstance(base_lrs, list) and 0 < len(base_lrs) < n:
+                optimizer.param_groups[len(base_lrs)].setdefault("initial_lr", base_lrs[0] * self.lr_factor)
+                base_lrs.append(base_lrs[0] * self.lr_factor)
             for name in ("lr_lambdas", "min_lrs"):
                 values = getattr(sched, name, None)
-                if isinstance(values, list) and len(values) == n - 1:
+                while isinstance(values, list) and 0 < len(values) < n:
                     values.append(values[0])
-            if isinstance(getattr(sched, "_last_lr", None), list) and len(sched._last_lr) == n - 1:
-                sched._last_lr.append(group["lr"])
+            last = getattr(sched, "_last_lr", None)
+            while isinstance(last, list) and 0 < len(last) < n:
+                last.append(optimizer.param_groups[len(last)]["lr"])
 
 
 class ThresholdedJaccard(L.Callback):

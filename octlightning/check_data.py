@@ -2,12 +2,16 @@
 
 Runs the DataModule's own validation (the same checks ``fit`` runs before the first step) for the
 training, validation and test splits, then reads every sample once and prints what a researcher
-checks before a long run: sample counts, tensor sizes, label values and NaN fractions. A problem is
-reported as one line naming the file, with exit status 1, not as a traceback.
+checks before a long run: sample counts, tensor sizes, label values and NaN fractions. Like nnU-Net's
+dataset integrity check it goes on after a problem: every split is set up and every sample read, and
+all the broken files are reported together (each as one line naming the file, no traceback), with exit
+status 1. A split whose set-up fails (a folder missing, an unmatched file) is reported by its first
+problem, as the DataModule raises it, and its samples are not read.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections import defaultdict
@@ -18,18 +22,31 @@ import torch
 from octlightning.errors import DataError
 
 SPLITS = (("fit", "train_set", "train"), ("fit", "val_set", "val"), ("test", "test_set", "test"))
+# How DataModules say a dataset has no test split (not a problem); a broken file whose path merely
+# contains "test" (ISIC2018_Task1-2_Test_Input/...) is one.
+NO_TEST_SPLIT = re.compile(r"\bno test\b|test split is empty|test_fraction")
 # Keys whose integer values are labels worth listing.
 LABEL_KEYS = ("mask", "fov", "labels", "target")
 
 
-def summarize_dataset(dataset: Any) -> dict[str, Any]:
-    """Count samples and describe each tensor key: shapes, dtype, value range, labels, NaN fraction."""
+def summarize_dataset(dataset: Any, problems: list[DataError] | None = None) -> dict[str, Any]:
+    """Count samples and describe each tensor key: shapes, dtype, value range, labels, NaN fraction.
+
+    A sample that raises :class:`DataError` is appended to ``problems`` and skipped (without
+    ``problems`` the error propagates).
+    """
     stats: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"shapes": set(), "min": float("inf"), "max": float("-inf"), "nan": 0, "numel": 0, "values": set()}
     )
     n = 0
     for i in range(len(dataset)):
-        sample = dataset[i]
+        try:
+            sample = dataset[i]
+        except DataError as err:
+            if problems is None:
+                raise
+            problems.append(err)
+            continue
         n += 1
         for key, value in sample.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0 or key == "size":
@@ -65,23 +82,39 @@ def format_summary(split: str, summary: dict[str, Any]) -> list[str]:
 
 
 def check_datamodule(dm: Any) -> list[str]:
-    """Set up every split the DataModule offers and summarise it; DataError propagates."""
-    lines = []
-    set_up: set[str] = set()
+    """Set up every split the DataModule offers and summarise it, reading every sample.
+
+    Returns the summary lines. Raises:
+        DataError: after every split was tried: the one problem found, or all of them (one line each,
+            ``<split>: <message naming the file>``) when there are several.
+    """
+    lines: list[str] = []
+    problems: list[tuple[str, DataError]] = []
+    set_up: dict[str, bool] = {}
     for stage, attr, name in SPLITS:
         if stage not in set_up:
             try:
                 dm.setup(stage)
+                set_up[stage] = True
             except DataError as err:
-                if stage == "test" and "test" in str(err).lower():
+                set_up[stage] = False
+                if stage == "test" and NO_TEST_SPLIT.search(str(err)):
                     lines.append(f"test: not available ({err})")
-                    set_up.add(stage)
-                    continue
-                raise
-            set_up.add(stage)
+                else:
+                    problems.append(("train/val" if stage == "fit" else name, err))
+        if not set_up[stage]:
+            continue
         dataset = getattr(dm, attr, None)
         if dataset is not None:
-            lines += format_summary(name, summarize_dataset(dataset))
+            found: list[DataError] = []
+            lines += format_summary(name, summarize_dataset(dataset, found))
+            problems += [(name, err) for err in found]
+    unique = list({str(err): (split, err) for split, err in problems}.values())  # patches repeat an image
+    if len(unique) == 1:
+        raise unique[0][1]
+    if unique:
+        listing = "\n".join(f"  {split}: {err}" for split, err in unique)
+        raise DataError(f"{len(unique)} problems in the dataset:\n{listing}") from unique[0][1]
     return lines
 
 

@@ -33,6 +33,8 @@ from octlightning.errors import ConfigError
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
+# Where test and predict of a run's own checkpoint write inside that run's folder (see stage_dir).
+STAGE_FOLDERS = {"test": "test", "predict": "predictions"}
 # Progress bar refresh interval in training steps (a user's own progress-bar callback wins).
 PROGRESS_BAR_REFRESH_STEPS = 10
 
@@ -113,6 +115,24 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def checkpoint_run_dir(ckpt_path: str | os.PathLike | None) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt`` -> ``<run>``), else None."""
+    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+        return None
+    path = Path(ckpt_path)
+    if path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
+        return None
+    return path.parent.parent
+
+
+def latest_resumable_version(experiment_dir: Path) -> str | None:
+    """The version folder under ``experiment_dir`` whose ``checkpoints/last.ckpt`` was written last, or None."""
+    candidates = [p for p in experiment_dir.glob("*/checkpoints/last.ckpt") if p.is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns).parent.parent.name
+
+
 def next_version(experiment_dir: Path) -> str:
     """``version_<N>`` with N one above the highest existing version folder."""
     numbers = [
@@ -136,7 +156,9 @@ class OctLightningCLI(LightningCLI):
     Added options (top level of the config):
         experiment: run-folder name under ``trainer.default_root_dir`` (default: the config file stem).
         version: run-folder version (default: the next ``version_N``). Naming an existing version whose
-            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``.
+            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``;
+            ``--ckpt_path last`` without it resumes the latest saved version (see :meth:`_run_location`).
+            ``test``/``predict`` of a run's own checkpoint write into that run (see :meth:`stage_dir`).
         comet: log to Comet (online with ``COMET_API_KEY``, else an offline archive in the run folder).
         comet_project: Comet project (default: the experiment name).
         comet_tags: Comet experiment tags (sweeps tag each run with the sweep name and its overrides).
@@ -219,7 +241,16 @@ class OctLightningCLI(LightningCLI):
         return type(self.model).__name__.lower()
 
     def _run_location(self) -> tuple[Path, str, str]:
-        root = Path(self._cfg()["trainer"].get("default_root_dir") or "runs")
+        """``(runs root, experiment, version)`` of this command's run folder.
+
+        ``--version`` (and ``--experiment``) name it. Otherwise ``--ckpt_path last`` means the experiment's
+        version whose ``last.ckpt`` was written last (a ConfigError naming ``--version`` when there is
+        none), and a ``test``/``predict`` checkpoint inside a run folder under this runs root
+        (``<root>/<experiment>/<version>/checkpoints/x.ckpt``) means that run; anything else gets the next
+        ``version_N``. A ``last`` checkpoint is replaced by its file.
+        """
+        cfg = self._cfg()
+        root = Path(cfg["trainer"].get("default_root_dir") or "runs")
         name = self.experiment_name()
         inherited = os.environ.get(RUN_DIR_ENV)
         if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
@@ -227,9 +258,50 @@ class OctLightningCLI(LightningCLI):
             # may already exist (so "next version" would differ).
             run_dir = Path(inherited)
             return run_dir.parent.parent, run_dir.parent.name, run_dir.name
-        version = self._cfg().get("version") or next_version(root / name)
+        version = cfg.get("version")
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path == "last":
+            version = version or latest_resumable_version(root / name)
+            last = root / name / str(version) / "checkpoints" / "last.ckpt"
+            if version is None or not last.is_file():
+                where = root / name / version if version else root / name
+                raise ConfigError(
+                    f"--ckpt_path last: no checkpoints/last.ckpt under {where}; name the run to resume with "
+                    f"--version (and --experiment), or give --ckpt_path the checkpoint file"
+                )
+            self._set_ckpt_path(str(last))
+        elif not version and not cfg.get("experiment") and self.subcommand in STAGE_FOLDERS:
+            owner = checkpoint_run_dir(ckpt_path)
+            # A checkpoint from under another runs root (--trainer.default_root_dir) is not "this" run.
+            if owner is not None and owner.parent.parent.resolve() == root.resolve():
+                root, name, version = owner.parent.parent, owner.parent.name, owner.name
+        version = version or next_version(root / name)
         os.environ[RUN_DIR_ENV] = str(root / name / version)
         return root, name, version
+
+    def _set_ckpt_path(self, path: str) -> None:
+        """Replace the command's ``--ckpt_path`` (a shorthand such as ``last``) by the file it means."""
+        self._cfg()["ckpt_path"] = path
+        if self.subcommand:
+            self.config_init[self.subcommand]["ckpt_path"] = path
+
+    def stage_dir(self, run_dir: Path) -> tuple[Path, Path]:
+        """``(task folder, logger folder)`` of this command inside ``run_dir``.
+
+        ``fit`` (and any command given ``--version``/``--experiment``, such as a sweep's test stage) works in
+        the run folder itself. ``test`` and ``predict`` of a checkpoint inside a run folder add to that
+        run without touching what ``fit`` wrote: ``test`` writes its tables, ``config.yaml`` and
+        ``metrics.csv`` under ``<run>/test/``; ``predict`` writes ``<run>/predictions/`` (the task's own
+        sub-folder) and keeps its ``config.yaml`` there too.
+        """
+        cfg = self._cfg()
+        folder = STAGE_FOLDERS.get(self.subcommand or "")
+        named = cfg.get("version") or cfg.get("experiment")
+        if folder is None or named or checkpoint_run_dir(cfg.get("ckpt_path")) != run_dir:
+            return run_dir, run_dir
+        if self.subcommand == "predict":
+            return run_dir, run_dir / folder
+        return run_dir / folder, run_dir / folder
 
     # ------------------------------------------------------------------ trainer
     def instantiate_trainer(self, **kwargs: Any):
@@ -238,10 +310,14 @@ class OctLightningCLI(LightningCLI):
         root, name, version = self._run_location()
         run_dir = root / name / version
         self.run_dir = run_dir
+        work_dir, log_dir = self.stage_dir(run_dir)
+        if self.subcommand == "fit":
+            # Before any logger exists: a DataError must not leave a run folder or Comet archive behind.
+            self._set_up_data_first()
 
         # The run folder is the trainer's root: checkpoints without a logger, SLURM's hpc_ckpt files
         # and every table the tasks write stay inside this run (the config's value is the runs root).
-        kwargs["default_root_dir"] = str(run_dir)
+        kwargs["default_root_dir"] = str(work_dir)
         if trainer_cfg.get("precision") is None:
             kwargs["precision"] = default_precision()
         if trainer_cfg.get("benchmark") is None and torch.cuda.is_available():
@@ -251,24 +327,28 @@ class OctLightningCLI(LightningCLI):
 
         logger = trainer_cfg.get("logger")
         if logger is None or logger is True:
-            loggers: list = [CSVLogger(save_dir=str(root), name=name, version=version)]
+            loggers: list = [CSVLogger(save_dir=str(log_dir.parent), name="", version=log_dir.name)]
             # fast_dev_run replaces loggers anyway; do not start a Comet experiment for it.
             if cfg.get("comet") and not trainer_cfg.get("fast_dev_run"):
+                suffix = "" if log_dir == run_dir else f"/{log_dir.name}"
                 loggers.append(
                     CometLogger(
-                        offline_directory=str(run_dir),
+                        offline_directory=str(log_dir),
                         project=cfg.get("comet_project") or name,
-                        name=f"{name}/{version}",
+                        name=f"{name}/{version}{suffix}",
                         tags=cfg.get("comet_tags"),
                     )
                 )
             kwargs["logger"] = loggers
+        elif log_dir != work_dir:
+            # Without a logger Lightning would save config.yaml in the task folder, over fit's own.
+            self.save_config_callback = None
 
         callbacks = list(trainer_cfg.get("callbacks") or [])
         monitor = getattr(self.model, "monitor", None)
         mode = getattr(self.model, "monitor_mode", "min")
         user_checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-        if not user_checkpoints:
+        if all(isinstance(c, LastCheckpoint) for c in user_checkpoints):  # a LastCheckpoint alone keeps best.ckpt
             # best.ckpt holds the weights only (a third of a full checkpoint: no optimiser state), as
             # it is written whenever validation improves; it is what test/predict load.
             callbacks.append(
@@ -301,6 +381,25 @@ class OctLightningCLI(LightningCLI):
             callbacks.append(octlightning.callbacks.WarmupEarlyStopping(monitor, cfg["early_stopping_patience"]))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def _set_up_data_first(self) -> None:
+        """Run the DataModule's ``setup("fit")`` now, and make the trainer's own call a no-op.
+
+        The data checks (missing, unreadable or unmatched files) raise DataError here, before the loggers
+        create the run folder and the Comet archive; the work is not done twice.
+        """
+        datamodule = self.datamodule
+        if datamodule is None or "setup" in vars(datamodule):
+            return
+        datamodule.setup("fit")
+        original = type(datamodule).setup
+
+        def setup(stage: str) -> None:
+            del datamodule.setup  # once: later stages (test after fit) set up as usual
+            if stage != "fit":
+                original(datamodule, stage)
+
+        datamodule.setup = setup
 
     def _load_checkpoints_safely(self) -> None:
         """``--ckpt_path`` files load with ``weights_only=True`` unless the user says otherwise.

@@ -1,9 +1,14 @@
-"""Test-only callbacks for DDP runs: make one rank fail; count collective calls inside training steps."""
+"""Test-only callbacks: make one DDP rank fail; count collective calls inside training steps; SIGKILL a
+run at a known point."""
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from octlightning.callbacks import LastCheckpoint
 
 
 class RaiseOnRank(L.Callback):
@@ -44,3 +49,19 @@ class CountStepCollectives(L.Callback):
         torch.distributed.all_reduce = self._original
         path = Path(trainer.default_root_dir) / f"step_all_reduce_rank{trainer.global_rank}.txt"
         path.write_text(str(self.count))
+
+
+class KillAfterLastCheckpoint(LastCheckpoint):
+    """The run's ``last.ckpt`` callback, which SIGKILLs its own process right after the save that records
+    ``epochs`` finished epochs: the worst moment for logs to lag behind the checkpoint, reached at the
+    same point every time (no timing). A resumed run, whose saves record more epochs, is not killed."""
+
+    def __init__(self, epochs: int = 1, every_s: float = 0.0) -> None:
+        super().__init__(every_s=every_s)
+        self.epochs = epochs
+
+    def _save_now(self, trainer):
+        path = super()._save_now(trainer)
+        if trainer.current_epoch == self.epochs:  # the checkpoint records epochs 0 .. epochs - 1
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path

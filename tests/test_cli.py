@@ -79,12 +79,12 @@ def test_comet_offline_archive_holds_the_logged_metrics(trained_run):
     assert "lr" in text  # hyperparameters reached Comet
 
 
-def test_a_second_fit_gets_a_new_version_and_test_writes_per_image_csv(trained_run, drive_root):
+def test_test_writes_per_image_csv_into_the_run_of_its_checkpoint(trained_run, drive_root):
     runs, run_dir = trained_run
     best = run_dir / "checkpoints" / "best.ckpt"
     cli = run_cli(_args("test", drive_root, runs, "--ckpt_path", str(best), "--comet", "false"))
-    test_dir = Path(cli.trainer.log_dir)
-    assert test_dir == runs / "vessel_unet" / "version_1"
+    test_dir = Path(cli.trainer.default_root_dir)
+    assert test_dir == runs / "vessel_unet" / "version_0" / "test"
     rows = list(csv.DictReader(open(test_dir / "test_metrics.csv")))
     assert [r["id"] for r in rows] == ["01", "02"]
     for r in rows:
@@ -100,7 +100,8 @@ def test_predict_writes_masks_at_original_size_and_overlays(trained_run, drive_r
             "predict", drive_root, runs, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), "--comet", "false"
         )
     )
-    out = Path(cli.trainer.log_dir) / "predictions"
+    out = run_dir / "predictions"
+    assert cli.model.run_dir / "predictions" == out
     assert not cli.trainer.predict_loop.return_predictions  # written to disk, not also kept in memory
     for sid in ("01_test", "02_test"):  # the input files' stems (test/images/01_test.tif)
         for kind in ("prob", "mask", "overlay"):

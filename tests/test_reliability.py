@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -52,30 +54,66 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _epochs_with(rows: list[dict], key: str) -> list[int]:
+    return sorted(int(r["epoch"]) for r in rows if r.get(key))
+
+
+def _comet_text(archive: Path) -> str:
+    with zipfile.ZipFile(archive) as zf:
+        names = [n for n in zf.namelist() if n.endswith((".json", ".jsonl"))]
+        return "\n".join(zf.read(n).decode("utf-8", "replace") for n in names)
+
+
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run(drive_root, tmp_path):
+    """SIGKILL right after ``last.ckpt`` records epoch 0 as done (KillAfterLastCheckpoint, no timing):
+    epoch 0's rows are already in ``metrics.csv``, its Comet data survives as its own archive, and the
+    same command resumes and ends where an uninterrupted run ends."""
     epochs = 3
     run_octlightning(_fit_args(drive_root, tmp_path, "clean", epochs))
     clean = tmp_path / "vessel_unet" / "clean"
 
     killed = tmp_path / "vessel_unet" / "killed"
-    proc = _start(_fit_args(drive_root, tmp_path, "killed", epochs))
-    _wait_for(killed / "checkpoints" / "last.ckpt", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    first = _ckpt(killed / "checkpoints" / "last.ckpt")
-    assert first["epoch"] < epochs - 1, "the kill came too late to test anything"
+    kill = '[{"class_path": "tests.fault_injection.KillAfterLastCheckpoint", "init_args": {"epochs": 1}}]'
+    args = _fit_args(drive_root, tmp_path, "killed", epochs, "--trainer.callbacks", kill)
+    args[args.index("--comet") + 1] = "true"  # offline: the test environment has no COMET_API_KEY
+    env = {k: v for k, v in os.environ.items() if k != "COMET_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "octlightning", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(env, PYTHONWARNINGS="ignore"), timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert _ckpt(killed / "checkpoints" / "last.ckpt")["epoch"] == 1
+    rows = _rows(killed)
+    # What last.ckpt calls finished is on disk: epoch 0's validation and its training means.
+    assert _epochs_with(rows, "val/dice") == [0] and _epochs_with(rows, "train/loss_epoch") == [0]
+    (owner,) = (killed / ".comet").glob("*.pid")  # Comet's working folder stayed in the run folder
+    killed_archive = killed / json.loads(owner.read_text())["archive"]
 
-    run_octlightning(_fit_args(drive_root, tmp_path, "killed", epochs))  # same command: resumes by itself
+    resumed = subprocess.run([sys.executable, "-m", "octlightning", *args], cwd=REPO, capture_output=True, text=True,
+                             env=dict(env, PYTHONWARNINGS="ignore"), timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in (clean, killed):
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert _ckpt(killed / "checkpoints" / "last.ckpt")["epoch"] == _ckpt(clean / "checkpoints" / "last.ckpt")["epoch"]
-    assert (
-        _ckpt(killed / "checkpoints" / "last.ckpt")["global_step"]
-        == _ckpt(clean / "checkpoints" / "last.ckpt")["global_step"]
-    )
-    val_epochs = {int(r["epoch"]) for r in csv.DictReader(open(killed / "metrics.csv")) if r.get("val/dice")}
-    assert val_epochs == set(range(epochs)), "metrics of the epochs before the kill are kept"
+    for key in ("epoch", "global_step"):
+        assert _ckpt(killed / "checkpoints" / "last.ckpt")[key] == _ckpt(clean / "checkpoints" / "last.ckpt")[key]
+    rows = _rows(killed)
+    assert _epochs_with(rows, "val/dice") == list(range(epochs)), "each epoch's metrics once, none lost"
+    assert _epochs_with(rows, "train/loss_epoch") == list(range(epochs))
+
+    # The killed process's Comet data is kept as its own archive; the resumed process has its own.
+    assert not list((killed / ".comet").iterdir())
+    archives = sorted(killed.glob("*.zip"))
+    assert len(archives) == 2, archives
+    assert '"val/dice"' in _comet_text(killed_archive) and "train/loss" in _comet_text(killed_archive)
+    with zipfile.ZipFile(killed_archive) as zf:
+        meta = json.loads(zf.read("experiment.json"))
+    assert killed_archive.name.startswith(meta["offline_id"]) and meta["stop_time"] >= meta["start_time"]
+    (other,) = [a for a in archives if a != killed_archive]
+    assert '"val/dice"' in _comet_text(other)
 
 
 @pytest.mark.slow

@@ -1,0 +1,119 @@
+"""Run folders: ``--ckpt_path last``, test/predict next to the model that made them, failed runs leave nothing,
+``check-data`` reports every broken file."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from octlightning.check_data import main as check_data_main
+from octlightning.cli import run_cli
+from octlightning.data.mask_folder import ISIC_TEST, ISIC_TRAIN, ISIC_VAL
+from octlightning.errors import ConfigError, DataError
+from tests.conftest import REPO, TINY_VESSEL
+from tests.fixtures.isic import write_isic_layout
+
+VESSEL = str(REPO / "hparams" / "vessel_unet.json")
+ISIC = str(REPO / "hparams" / "isic_deeplabv3plus.json")
+
+
+def _args(subcommand: str, drive_root: Path, runs: Path, *extra: str) -> list[str]:
+    return [subcommand, "--config", VESSEL, "--data.init_args.root", str(drive_root),
+            "--trainer.default_root_dir", str(runs), *TINY_VESSEL, "--overlay_every_n_epochs", "0",
+            "--data.init_args.patch_size", "32", "--data.init_args.patches_per_image", "1", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted(drive_root, tmp_path_factory) -> Path:
+    """One short fit: ``<runs>/vessel_unet/version_0``."""
+    runs = tmp_path_factory.mktemp("runs")
+    run_cli(_args("fit", drive_root, runs, "--trainer.max_epochs", "1", "--comet", "false",
+                  "--trainer.check_val_every_n_epoch", "1"))
+    return runs / "vessel_unet" / "version_0"
+
+
+def test_test_of_a_runs_checkpoint_writes_into_that_run(fitted, drive_root):
+    runs = fitted.parent.parent
+    config = (fitted / "config.yaml").read_text()
+    metrics = (fitted / "metrics.csv").read_text()
+    run_cli(_args("test", drive_root, runs, "--ckpt_path", str(fitted / "checkpoints" / "best.ckpt")))
+    rows = list(csv.DictReader(open(fitted / "test" / "test_metrics.csv")))
+    assert [r["id"] for r in rows] == ["01", "02"]
+    assert (fitted / "test" / "config.yaml").is_file() and list((fitted / "test").glob("*.zip"))  # Comet archive
+    assert any(r.get("test/dice") for r in csv.DictReader(open(fitted / "test" / "metrics.csv")))
+    # fit's own files are untouched, and no new version folder was opened
+    assert (fitted / "config.yaml").read_text() == config and (fitted / "metrics.csv").read_text() == metrics
+    assert sorted(p.name for p in fitted.parent.iterdir()) == ["version_0"]
+
+
+def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, drive_root):
+    runs = fitted.parent.parent
+    config = (fitted / "config.yaml").read_text()
+    run_cli(_args("predict", drive_root, runs, "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
+                  "--comet", "false"))  # fmt: skip
+    out = fitted / "predictions"
+    names = sorted(p.name for p in out.glob("01_*.png"))
+    assert names == ["01_test_mask.png", "01_test_overlay.png", "01_test_prob.png"]  # the input stem 01_test
+    assert (out / "config.yaml").is_file() and (fitted / "config.yaml").read_text() == config
+    assert sorted(p.name for p in fitted.parent.iterdir()) == ["version_0"]
+
+
+def test_a_named_version_still_decides_where_test_writes(fitted, drive_root):
+    runs = fitted.parent.parent
+    cli = run_cli(_args("test", drive_root, runs, "--ckpt_path", str(fitted / "checkpoints" / "best.ckpt"),
+                        "--comet", "false", "--version", "scored"))  # fmt: skip
+    assert Path(cli.trainer.default_root_dir) == fitted.parent / "scored"
+    assert (fitted.parent / "scored" / "test_metrics.csv").is_file()
+
+
+def test_ckpt_path_last_resumes_the_latest_version_or_names_version(drive_root, tmp_path):
+    common = ["--comet", "false", "--trainer.check_val_every_n_epoch", "1", "--checkpoint_every_s", "0"]
+    with pytest.raises(ConfigError, match="--version"):
+        run_cli(_args("fit", drive_root, tmp_path, *common, "--ckpt_path", "last", "--trainer.max_epochs", "1"))
+    experiment = tmp_path / "vessel_unet"
+    assert not experiment.exists() or not list(experiment.iterdir()), "no empty version folder"
+
+    run_cli(_args("fit", drive_root, tmp_path, *common, "--trainer.max_epochs", "1"))  # version_0
+    cli = run_cli(_args("fit", drive_root, tmp_path, *common, "--ckpt_path", "last", "--trainer.max_epochs", "2"))
+    assert sorted(p.name for p in experiment.iterdir()) == ["version_0"]
+    assert cli.trainer.current_epoch == 2 and Path(cli.trainer.default_root_dir) == experiment / "version_0"
+    rows = list(csv.DictReader(open(experiment / "version_0" / "metrics.csv")))
+    assert sorted({int(r["epoch"]) for r in rows if r.get("val/dice")}) == [0, 1]
+
+    with pytest.raises(ConfigError, match="--version"):
+        run_cli(_args("fit", drive_root, tmp_path, *common, "--ckpt_path", "last", "--version", "nothing_here"))
+
+
+def test_fit_on_broken_data_leaves_no_run_folder_and_no_comet_archive(drive_root, tmp_path):
+    broken = tmp_path / "drive"
+    shutil.copytree(drive_root, broken)
+    image = broken / "training" / "images" / "23_training.tif"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    runs = tmp_path / "runs"
+    with pytest.raises(DataError, match="23_training.tif"):
+        run_cli(_args("fit", broken, runs, "--comet", "true", "--trainer.max_epochs", "1"))
+    assert not runs.exists() or not list(runs.rglob("*")), sorted(runs.rglob("*"))
+
+
+def test_check_data_names_every_broken_file_of_every_split_without_building_the_model(tmp_path, capsys):
+    root = write_isic_layout(tmp_path / "isic", with_val=True, with_test=True)
+    broken = [
+        sorted((root / ISIC_TRAIN[0]).glob("*.jpg"))[0],  # a training image cut short
+        sorted((root / ISIC_VAL[0]).glob("*.jpg"))[0],  # a validation image cut short
+        sorted((root / ISIC_TEST[1]).glob("*.png"))[0],  # a test mask cut short (its path says "Test")
+    ]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    weights = tmp_path / "no_such_resnet50.pth"  # the model is never built: its weights are not needed
+    status = check_data_main(["--config", ISIC, "--data.init_args.root", str(root),
+                              "--model.init_args.net.init_args.encoder_weights", str(weights),
+                              "--data.init_args.num_workers", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "3 problems" in err, err
+    for path in broken:
+        assert path.name in err, (path.name, err)
+    assert "Traceback" not in err and str(weights) not in err
