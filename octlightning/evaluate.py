@@ -55,6 +55,21 @@ from octlightning.metrics import (
 PRED_SUFFIXES = ("", "_mask", "_pred")
 
 
+def _folders(pred_dir: str | Path, gt_dir: str | Path) -> tuple[Path, Path]:
+    """The prediction folder and the reference masks' folder (``<gt_dir>/semseg`` where it exists).
+
+    Raises:
+        DataError: either folder is missing.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if (gt_dir / "semseg").is_dir():
+        gt_dir = gt_dir / "semseg"
+    for folder, what in ((pred_dir, "prediction"), (gt_dir, "reference")):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: {what} folder not found")
+    return pred_dir, gt_dir
+
+
 def find_info(gt_dir: Path) -> Path:
     """``INFO.json`` in ``gt_dir`` or one of its two parents (``<dataset>/<split>/semseg``)."""
     for folder in (gt_dir, gt_dir.parent, gt_dir.parent.parent):
@@ -103,12 +118,7 @@ def evaluate(
     """
     unit = "px" if spacing is None else spacing_unit
     hd95_column(unit)  # an unknown unit fails before any file is read
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    if (gt_dir / "semseg").is_dir():
-        gt_dir = gt_dir / "semseg"
-    for folder, what in ((pred_dir, "prediction"), (gt_dir, "reference")):
-        if not folder.is_dir():
-            raise DataError(f"{folder}: {what} folder not found")
+    pred_dir, gt_dir = _folders(pred_dir, gt_dir)
     info = read_info(info_path if info_path is not None else find_info(gt_dir))
     refs = list_images(gt_dir, (".png",))
     if not refs:
@@ -181,12 +191,7 @@ def evaluate_mirage(
     """
     from skimage.transform import resize
 
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    if (gt_dir / "semseg").is_dir():
-        gt_dir = gt_dir / "semseg"
-    for folder, what in ((pred_dir, "prediction"), (gt_dir, "reference")):
-        if not folder.is_dir():
-            raise DataError(f"{folder}: {what} folder not found")
+    pred_dir, gt_dir = _folders(pred_dir, gt_dir)
     info = Path(info_path) if info_path is not None else find_info(gt_dir)
     foreground, invalid = mirage_classes(info, ignore_bg)
     volumes: dict[str, dict[int, Path]] = {}
