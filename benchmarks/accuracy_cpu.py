@@ -43,8 +43,8 @@ class Recipe:
     args: list[str] = field(default_factory=list)  # CPU-sizing overrides
 
 
-OCT_ARGS = ["--data.init_args.image_size", "256", "--data.init_args.output_width", "256",
-            "--model.init_args.net.init_args.output_width", "256"]  # fmt: skip
+# the network's output width follows the data's (the CLI links it)
+OCT_ARGS = ["--data.init_args.image_size", "256", "--data.init_args.output_width", "256"]
 RECIPES = [
     Recipe("oct_segformer", "hparams/oct_segformer.json", "duke_dme/duke_dme_trainval.h5", 20,
            ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
