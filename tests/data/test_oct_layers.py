@@ -614,3 +614,13 @@ def test_test_dir_scores_every_bscan_of_another_file(h5file, tmp_path):
     # today's code could only test a split of root: "cannot split 2 groups into parts of [0, 2]"
     dm.setup("test")
     assert len(dm.test_set) == N - 1 and dm.test_set.path == other  # every annotated B-scan (EMPTY has none)
+
+
+def test_the_shape_error_suggests_the_axis_orders_of_a_duke_amd_export():
+    """(H, W, N) images beside (N, W, L) layer maps: the fix is image_axes HWN with the default layer order
+    (it once suggested HNW / WNL, which reads W B-scans N columns wide)."""
+    from octlightning.data.formats.layer_h5 import fitting_axes
+
+    assert fitting_axes((512, 1000, 100), (100, 1000, 3)) == " (these shapes fit image_axes: HWN, layer_axes: NWL)"
+    assert fitting_axes((128, 100, 8), (8, 100, 3)) == " (these shapes fit image_axes: HWN, layer_axes: NWL)"
+    assert fitting_axes((12, 48, 40), (12, 3, 40)) == " (these shapes fit image_axes: NHW, layer_axes: NLW)"

@@ -45,11 +45,14 @@ def open_layer_file(path: Path) -> h5py.File:
         raise DataError(f"{path}: cannot open as HDF5 ({err})") from err
 
 
-def require_dataset(f: h5py.File, path: Path, key: str, ndim: int, what: str) -> h5py.Dataset:
+def require_dataset(
+    f: h5py.File, path: Path, key: str, ndim: int, what: str, option: str | None = None
+) -> h5py.Dataset:
     """Dataset ``key`` of the open file ``f`` with ``ndim`` dimensions; :class:`DataError` naming
-    ``path``, the key and ``what`` it should hold otherwise."""
+    ``path``, the key, ``what`` it should hold and the ``option`` that names another dataset otherwise."""
     if key not in f or not isinstance(f[key], h5py.Dataset):
-        raise DataError(f"{path}: no dataset {key!r} ({what}); the file has {sorted(f.keys())}")
+        fix = f"; set {option} to the right one" if option else ""
+        raise DataError(f"{path}: no dataset {key!r} ({what}); the file has {sorted(f.keys())}{fix}")
     ds = f[key]
     if ds.ndim != ndim:
         raise DataError(f"{path}: dataset {key!r} has shape {ds.shape}, expected {ndim} dimensions ({what})")
@@ -87,21 +90,27 @@ def read_along_n(ds: h5py.Dataset, index: int | slice, axes: str, default: str) 
     return np.transpose(arr, [kept.index(a) for a in default if a in kept])
 
 
-def _fitting_axes(image_shape: tuple[int, ...], layer_shape: tuple[int, ...]) -> str:
-    """`` (the shapes fit image_axes X, layer_axes Y)`` for the orders under which the two shapes agree
-    on N and W, preferring the stored default orders; empty when none or several fit equally."""
+def fitting_axes(image_shape: tuple[int, ...], layer_shape: tuple[int, ...]) -> str:
+    """`` (these shapes fit image_axes: X, layer_axes: Y)``: the most plausible axis orders under which
+    an image and a layer-map dataset agree on N and W; empty when no order fits.
+
+    Plausible first: an order left at its default (a Duke AMD export keeps ``(N, W, L)`` maps beside
+    ``(H, W, N)`` images), then L being the layer map's smallest axis (a few boundaries, hundreds of
+    columns).
+    """
     from itertools import permutations
 
     fits = []
-    for ia in [IMAGE_AXES] + ["".join(p) for p in permutations(IMAGE_AXES) if "".join(p) != IMAGE_AXES]:
+    for ia in ("".join(p) for p in permutations(IMAGE_AXES)):
         isz = dict(zip(ia, image_shape, strict=True))
-        for la in [LAYER_AXES] + ["".join(p) for p in permutations(LAYER_AXES) if "".join(p) != LAYER_AXES]:
+        for la in ("".join(p) for p in permutations(LAYER_AXES)):
             lsz = dict(zip(la, layer_shape, strict=True))
             if isz["N"] == lsz["N"] and isz["W"] == lsz["W"]:
-                fits.append((ia, la))
+                changed = (ia != IMAGE_AXES) + (la != LAYER_AXES)
+                fits.append((changed + 2 * (lsz["L"] != min(layer_shape)), ia, la))
     if not fits:
         return ""
-    ia, la = fits[0]
+    _, ia, la = min(fits)
     return f" (these shapes fit image_axes: {ia}, layer_axes: {la})"
 
 
@@ -148,14 +157,14 @@ def inspect_layer_file(
     image_axes = check_axes(image_axes, IMAGE_AXES, "image_axes")
     layer_axes = check_axes(layer_axes, LAYER_AXES, "layer_axes")
     with open_layer_file(path) as f:
-        images = require_dataset(f, path, image_key, 3, f"B-scans, axes {image_axes}")
+        images = require_dataset(f, path, image_key, 3, f"B-scans, axes {image_axes}", "image_key")
         sizes = axis_sizes(images, image_axes)
         n, h, w = sizes["N"], sizes["H"], sizes["W"]
         if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
             raise DataError(f"{path}: dataset {image_key!r} has dtype {images.dtype}, expected integers or floats")
         layers = None
         if layer_key is not None and (require_layers or layer_key in f):
-            layers = require_dataset(f, path, layer_key, 3, f"boundary rows, axes {layer_axes}")
+            layers = require_dataset(f, path, layer_key, 3, f"boundary rows, axes {layer_axes}", "layer_key")
             if not (np.issubdtype(layers.dtype, np.integer) or np.issubdtype(layers.dtype, np.floating)):
                 raise DataError(
                     f"{path}: dataset {layer_key!r} has dtype {layers.dtype}, expected boundary rows as numbers "
@@ -169,7 +178,7 @@ def inspect_layer_file(
             )
             if lsizes["N"] != n or lsizes["W"] != w:
                 problem = "their numbers of B-scans (N) differ" if lsizes["N"] != n else "their widths (W) differ"
-                raise DataError(f"{path}: {shapes}: {problem}; {AXES_HINT}{_fitting_axes(images.shape, layers.shape)}")
+                raise DataError(f"{path}: {shapes}: {problem}; {AXES_HINT}{fitting_axes(images.shape, layers.shape)}")
         index = LayerFileIndex(
             path, n, h, w, labelled=np.zeros(n, dtype=bool), datasets=sorted(f.keys()),
             image_axes=image_axes, layer_axes=layer_axes,
@@ -200,7 +209,7 @@ def inspect_layer_file(
                     )
                 index.labelled[start : start + len(part)] = np.isfinite(part).any(axis=(1, 2))
         if subject_key is not None and subject_key in f:
-            subjects = require_dataset(f, path, subject_key, 1, "subject per B-scan (N,)")[()]
+            subjects = require_dataset(f, path, subject_key, 1, "subject per B-scan (N,)", "subject_key")[()]
             if len(subjects) != n:
                 raise DataError(f"{path}: {subject_key!r} has {len(subjects)} entries for {n} B-scans")
             try:
