@@ -72,7 +72,7 @@ def _task(task: str, scheduler: str, dm: L.LightningDataModule) -> L.LightningMo
     common = {"lr": 1e-3, "scheduler": scheduler, "warmup_epochs": 1, "channels_last": False}
     if task == "layer_regression":
         net = SegFormerLayerRegressor(
-            num_layers=dm.num_boundaries, output_width=dm.output_width, in_channels=1, config=TINY_SEGFORMER
+            num_boundaries=dm.num_boundaries, output_width=dm.output_width, in_channels=1, config=TINY_SEGFORMER
         )
         return LayerRegressionTask(net, boundary_names=dm.boundary_names, **common)
     net = UNet(3, 1, base_channels=4, depth=2)
