@@ -50,6 +50,21 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def _wait_for_step_after(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the checkpoint at ``path`` records a global step above ``step``."""
+    start = time.time()
+    while True:
+        try:
+            if _ckpt(path)["global_step"] > step:
+                return
+        except (EOFError, RuntimeError, OSError):
+            pass  # caught while being rewritten: look again
+        if proc.poll() is not None or time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} recorded no step after {step} (run ended or {timeout} s passed)")
+        time.sleep(0.2)
+
+
 def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -122,7 +137,9 @@ def test_sigterm_saves_a_checkpoint_before_exiting(drive_root, tmp_path):
     proc = _start(_fit_args(drive_root, tmp_path, "term", 50))
     _wait_for(run / "checkpoints" / "last.ckpt", proc)
     step_at_epoch_end = _ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
-    time.sleep(1.0)
+    # Training has gone on past that checkpoint once the next epoch's last.ckpt records a later step:
+    # an event to wait for, not a time (a loaded machine may take seconds per step).
+    _wait_for_step_after(run / "checkpoints" / "last.ckpt", step_at_epoch_end, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert "SIGTERM received, saved" in out, out[-3000:]
