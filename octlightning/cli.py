@@ -150,6 +150,67 @@ def default_precision() -> str:
     return "32-true"
 
 
+# jsonargparse's message for a key the chosen class does not take (``--model.init_args.lrr 1e-3``).
+_NOT_ACCEPTED = re.compile(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments:\s+(--[\w.]+)", re.IGNORECASE)
+
+
+def _arguments_of(cls: type) -> list[str]:
+    """The ``__init__`` argument names of ``cls`` and of the bases its ``**kwargs`` pass to."""
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", [cls]):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def misspelt_option_hint(message: str, options: list[str]) -> str | None:
+    """One line for a command-line option that nothing takes, with the closest names that exist, or None.
+
+    Covers an argument the configured class does not take (``--model.init_args.lrr``: the class's own
+    arguments are searched) and an unknown option (``--trainer.max_epoch``: ``options`` are searched).
+    """
+    from difflib import get_close_matches
+
+    if m := _NOT_ACCEPTED.search(message):
+        class_path, name = m.groups()
+        module, _, cls_name = class_path.rpartition(".")
+        try:
+            known = _arguments_of(getattr(import_module(module), cls_name))
+        except (ImportError, AttributeError, ValueError, TypeError):
+            return None
+        close = [repr(c) for c in get_close_matches(name, known, n=3, cutoff=0.6)]
+        return f"{cls_name} takes no argument {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+    if m := _UNRECOGNIZED.search(message):
+        option = m.group(1)
+        close = get_close_matches(option, options, n=3, cutoff=0.8)
+        return f"unknown option {option}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+    return None
+
+
+class OctArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, answering a misspelt option with one line and the names that exist.
+
+    jsonargparse answers ``--model.init_args.lrr 1e-3`` with the whole usage (about 70 lines) and every
+    Union member it tried; here it is ``error: SegmentationTask takes no argument 'lrr'; did you mean
+    'lr'?`` (exit status 2, as argparse). Abbreviated options are refused (see
+    :class:`OctLightningCLI`), so a typo never silently sets another option. Other errors are unchanged.
+    """
+
+    def error(self, message: str, ex: Exception | None = None):
+        hint = misspelt_option_hint(message, list(self._option_string_actions))
+        if hint is not None and self.exit_on_error:
+            prog = self.prog.replace(" [options]", "")
+            sys.stderr.write(f"error: {hint}\ntip: {prog} --help lists the options; --print_config shows the config\n")
+            self.exit(2)
+        super().error(f"{hint}\n{message}" if hint else message, ex)
+
+
 class OctLightningCLI(LightningCLI):
     """LightningCLI with the octlightning run conventions.
 
@@ -180,6 +241,13 @@ class OctLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", SEED_DEFAULT)
+        kwargs.setdefault("parser_class", OctArgumentParser)
+        # argparse would expand a typo such as --trainer.max_epoch to --trainer.max_epochs unannounced.
+        parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+        parser_kwargs.setdefault("allow_abbrev", False)
+        for subcommand in self.subcommands():
+            parser_kwargs[subcommand] = {"allow_abbrev": False, **parser_kwargs.get(subcommand, {})}
+        kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -311,9 +379,9 @@ class OctLightningCLI(LightningCLI):
         run_dir = root / name / version
         self.run_dir = run_dir
         work_dir, log_dir = self.stage_dir(run_dir)
-        if self.subcommand == "fit":
+        if self.subcommand in ("fit", "validate", "test", "predict"):
             # Before any logger exists: a DataError must not leave a run folder or Comet archive behind.
-            self._set_up_data_first()
+            self._set_up_data_first(self.subcommand)
 
         # The run folder is the trainer's root: checkpoints without a logger, SLURM's hpc_ckpt files
         # and every table the tasks write stay inside this run (the config's value is the runs root).
@@ -382,22 +450,22 @@ class OctLightningCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
-    def _set_up_data_first(self) -> None:
-        """Run the DataModule's ``setup("fit")`` now, and make the trainer's own call a no-op.
+    def _set_up_data_first(self, stage: str) -> None:
+        """Run the DataModule's ``setup(stage)`` now, and make the trainer's own call a no-op.
 
         The data checks (missing, unreadable or unmatched files) raise DataError here, before the loggers
-        create the run folder and the Comet archive; the work is not done twice.
+        create the run folder (or a test's ``<run>/test/``) and the Comet archive; the work is not done twice.
         """
         datamodule = self.datamodule
         if datamodule is None or "setup" in vars(datamodule):
             return
-        datamodule.setup("fit")
+        datamodule.setup(stage)
         original = type(datamodule).setup
 
-        def setup(stage: str) -> None:
+        def setup(called: str) -> None:
             del datamodule.setup  # once: later stages (test after fit) set up as usual
-            if stage != "fit":
-                original(datamodule, stage)
+            if called != stage:
+                original(datamodule, called)
 
         datamodule.setup = setup
 
@@ -425,6 +493,20 @@ class OctLightningCLI(LightningCLI):
         if cfg.get("return_predictions") is None:
             cfg["return_predictions"] = False
 
+    def _say_where(self, what: str, folder: Path) -> None:
+        # Run folders are numbered versions: tell the user which one this command wrote.
+        if self.trainer.is_global_zero:
+            print(f"octlightning: {self.subcommand}: {what} in {folder}", file=sys.stderr)
+
+    def after_fit(self) -> None:
+        self._say_where("checkpoints (best.ckpt, last.ckpt)", self.run_dir / "checkpoints")
+
+    def after_test(self) -> None:
+        self._say_where("metrics.csv and per-sample tables", Path(self.trainer.default_root_dir))
+
+    def after_predict(self) -> None:
+        self._say_where("predictions", Path(self.trainer.default_root_dir) / "predictions")
+
     def before_fit(self) -> None:
         """Resume automatically when the named run folder already holds ``last.ckpt``."""
         self._load_checkpoints_safely()
@@ -451,7 +533,7 @@ def argument_parser(**parser_kwargs: Any) -> LightningArgumentParser:
 
     ``argument_parser().parse_args(["fit", "--config", ...])`` checks a command line as ``fit`` would
     (sweeps validate every run this way before starting one). ``parser_kwargs`` go to the parsers,
-    e.g. ``exit_on_error=False`` (errors as exceptions) and ``allow_abbrev=False``.
+    e.g. ``exit_on_error=False`` (errors as exceptions).
     """
 
     class _ParserOnly(OctLightningCLI):

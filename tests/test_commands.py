@@ -53,8 +53,6 @@ def test_null_is_none_at_any_depth_of_the_command_line(capsys):
     assert "weights: null" in printed and "weights: None" not in printed
 
 
-
-
 FOUNDATION_TINY = [
     "--model.init_args.net.init_args.preset", "tiny",
     "--model.init_args.net.init_args.weights", "null",
@@ -101,3 +99,23 @@ def test_a_loss_module_with_its_own_settings_comes_from_the_config(tmp_path, dri
          "--trainer.default_root_dir", str(tmp_path / "runs")]
     )  # fmt: skip
     assert type(cli.model.loss_fn).__name__ == "DiceLoss" and cli.model.loss_fn.smooth == 0.25
+
+
+@pytest.mark.parametrize(
+    ("typo", "answer"),
+    [
+        (["--model.init_args.lrr", "1e-3"], "SegmentationTask takes no argument 'lrr'; did you mean 'lr'?"),
+        (
+            ["--data.init_args.batchsize", "2"],
+            "FundusVesselDataModule takes no argument 'batchsize'; did you mean 'batch_size'",
+        ),
+        # argparse would have expanded this abbreviation to --trainer.max_epochs without a word
+        (["--trainer.max_epoch", "2"], "unknown option --trainer.max_epoch; did you mean --trainer.max_epochs"),
+    ],
+)
+def test_a_misspelt_option_stops_with_one_line_naming_what_exists(typo, answer, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["fit", "--config", VESSEL, *typo, "--comet", "false"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: {answer}" in err
+    assert len(err.splitlines()) <= 3, err  # not the 70-line usage

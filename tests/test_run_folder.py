@@ -35,7 +35,7 @@ def fitted(drive_root, tmp_path_factory) -> Path:
     return runs / "vessel_unet" / "version_0"
 
 
-def test_test_of_a_runs_checkpoint_writes_into_that_run(fitted, drive_root):
+def test_test_of_a_runs_checkpoint_writes_into_that_run(fitted, drive_root, capsys):
     runs = fitted.parent.parent
     config = (fitted / "config.yaml").read_text()
     metrics = (fitted / "metrics.csv").read_text()
@@ -47,9 +47,10 @@ def test_test_of_a_runs_checkpoint_writes_into_that_run(fitted, drive_root):
     # fit's own files are untouched, and no new version folder was opened
     assert (fitted / "config.yaml").read_text() == config and (fitted / "metrics.csv").read_text() == metrics
     assert sorted(p.name for p in fitted.parent.iterdir()) == ["version_0"]
+    assert f"octlightning: test: metrics.csv and per-sample tables in {fitted / 'test'}" in capsys.readouterr().err
 
 
-def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, drive_root):
+def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, drive_root, capsys):
     runs = fitted.parent.parent
     config = (fitted / "config.yaml").read_text()
     run_cli(_args("predict", drive_root, runs, "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"),
@@ -59,6 +60,7 @@ def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, driv
     assert names == ["01_test_mask.png", "01_test_overlay.png", "01_test_prob.png"]  # the input stem 01_test
     assert (out / "config.yaml").is_file() and (fitted / "config.yaml").read_text() == config
     assert sorted(p.name for p in fitted.parent.iterdir()) == ["version_0"]
+    assert f"octlightning: predict: predictions in {out}" in capsys.readouterr().err  # which version folder
 
 
 def test_a_named_version_still_decides_where_test_writes(fitted, drive_root):
@@ -96,6 +98,19 @@ def test_fit_on_broken_data_leaves_no_run_folder_and_no_comet_archive(drive_root
     with pytest.raises(DataError, match="23_training.tif"):
         run_cli(_args("fit", broken, runs, "--comet", "true", "--trainer.max_epochs", "1"))
     assert not runs.exists() or not list(runs.rglob("*")), sorted(runs.rglob("*"))
+
+
+def test_test_on_broken_data_leaves_the_run_folder_as_it_was(fitted, drive_root, tmp_path):
+    broken = tmp_path / "drive"
+    shutil.copytree(drive_root, broken)
+    image = sorted((broken / "test" / "images").iterdir())[0]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    before = sorted(fitted.rglob("*"))
+    best = str(fitted / "checkpoints" / "best.ckpt")
+    with pytest.raises(DataError, match=image.name):
+        run_cli(_args("test", drive_root, fitted.parent.parent, "--ckpt_path", best,
+                      "--data.init_args.test_dir", str(broken), "--comet", "true"))  # fmt: skip
+    assert sorted(fitted.rglob("*")) == before  # no test/ folder, no Comet archive
 
 
 def test_check_data_names_every_broken_file_of_every_split_without_building_the_model(tmp_path, capsys):

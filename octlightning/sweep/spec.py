@@ -295,8 +295,8 @@ _PARSER = None
 def cli_parser():
     """The CLI's parser (``fit`` and the other subcommands), built once without parsing or instantiating.
 
-    ``allow_abbrev=False`` so that a typo such as ``trainer.max_epoch`` is an error rather than a
-    silently expanded abbreviation; ``exit_on_error=False`` so that errors are exceptions.
+    ``exit_on_error=False`` so that errors are exceptions (the CLI refuses abbreviations: a typo such as
+    ``trainer.max_epoch`` is an error rather than a silently expanded option).
 
     The one import of :mod:`octlightning.cli` in this package, made here on first use (it brings torch
     and Lightning). Running ``octlightning fit --print_config`` per run instead would avoid it, but costs
@@ -306,7 +306,7 @@ def cli_parser():
     if _PARSER is None:
         from octlightning.cli import argument_parser
 
-        _PARSER = argument_parser(exit_on_error=False, allow_abbrev=False)
+        _PARSER = argument_parser(exit_on_error=False)
     return _PARSER
 
 
