@@ -2,7 +2,8 @@
 
 Runs the DataModule's own validation (the same checks ``fit`` runs before the first step) for the
 training, validation and test splits, then reads every sample once and prints what a researcher
-checks before a long run: sample counts, tensor sizes, label values and NaN fractions. Like nnU-Net's
+checks before a long run: sample counts, tensor sizes, label values and NaN fractions, and what the
+model will be given from the data (input channels, class or boundary names, output width). Like nnU-Net's
 dataset integrity check it goes on after a problem: every split is set up and every sample read, and
 all the broken files are reported together (each as one line naming the file, no traceback), with exit
 status 1. A split whose set-up fails (a folder missing, an unmatched file) is reported by its first
@@ -81,6 +82,18 @@ def format_summary(split: str, summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def model_lines(dm: Any) -> list[str]:
+    """What ``fit`` links from this data into the model (:data:`octlightning.cli.DATA_DETERMINES`:
+    channels, classes and their names, boundaries, output width; and the training patch), one
+    ``name value`` per line; attributes the DataModule leaves ``None`` are left out. Read after
+    ``setup`` (class names can come from the files)."""
+    from octlightning.cli import DATA_DETERMINES, DATA_SUGGESTS
+
+    names = [*DATA_DETERMINES, *DATA_SUGGESTS.values()]
+    values = {name: getattr(dm, name, None) for name in names}
+    return ["model gets:"] + [f"  {name:<15} {value}" for name, value in values.items() if value is not None]
+
+
 def check_datamodule(dm: Any) -> list[str]:
     """Set up every split the DataModule offers and summarise it, reading every sample.
 
@@ -139,5 +152,5 @@ def main(argv: list[str]) -> int:
         print(f"check-data: FAILED: {err}", file=sys.stderr)
         return 1
     print(f"check-data: {type(cli.datamodule).__name__} at {cli.datamodule.root}: OK")
-    print("\n".join(lines))
+    print("\n".join(lines + model_lines(cli.datamodule)))
     return 0

@@ -507,6 +507,10 @@ def test_check_data_command_prints_the_summary_or_the_broken_file(pristine, brok
     assert "train: 3 samples" in out and "val: 1 samples" in out and "test: 1 samples" in out
     mask_line = next(line for line in out.splitlines() if line.strip().startswith("mask"))
     assert "values [0.0, 1.0]" in mask_line
+    # what the model is given from the data, as fit links it: one vessel channel, RGB input
+    model = out.split("model gets:")[1].split()
+    assert model[model.index("in_channels") + 1] == "3" and model[model.index("num_classes") + 1] == "1"
+    assert "class_names" in model and "vessel" in out.split("model gets:")[1]
 
     assert check_data_main(["--config", VESSEL, "--data.init_args.root", str(broken_drive), *TINY_VESSEL]) == 1
     captured = capsys.readouterr()
