@@ -289,6 +289,9 @@ class FundusVesselDataModule(BaseDataModule):
     of one child in one split), by image otherwise.
     """
 
+    channel_choices = {3: "RGB", 1: "the green channel alone"}
+    own_splits = {"test": "the layout's own test images"}
+
     def __init__(
         self,
         root: str,
@@ -315,10 +318,6 @@ class FundusVesselDataModule(BaseDataModule):
             in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
-        if test_fraction:
-            raise ValueError("test_fraction must be 0 for fundus data: every layout brings its own test split")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 3 (RGB) or 1 (green channel), got {in_channels}")
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown fundus layout {layout!r}; choose one of {list(LAYOUTS)} or null (detect)")
         self.layout = layout

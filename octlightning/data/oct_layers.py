@@ -246,8 +246,6 @@ class OCTLayerDataModule(BaseDataModule):
         self.save_hyperparameters(ignore=["boundary_names"])  # logged by the task, which gets them from here
         if nan_policy not in ("mask", "interpolate"):
             raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, not {in_channels}")
         size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be an int or [height, width], not {image_size}")
@@ -266,7 +264,6 @@ class OCTLayerDataModule(BaseDataModule):
         self.intensity_max = intensity_max
         self.augment = augment
         self.elastic = elastic
-        self.cache = SampleCache(cache_mb)
         self._index: LayerFileIndex | None = None
         self.splits: dict[str, np.ndarray] = {}
 
