@@ -1,5 +1,8 @@
 """OCT retinal-layer boundaries from HDF5: B-scans and, per column, the row of each chosen boundary.
 
+One job (the dataset and DataModule of one layout), though past 400 lines: most of it is the options that
+real layer files need (dataset names, axes, split and NaN policies) and their checks.
+
 The file (:mod:`octlightning.data.formats.layer_h5`, which reads and writes it) holds ``images``
 ``(N, H, W)`` grayscale B-scans and ``layer_maps`` ``(N, W, L)`` with the row (y, pixels) of every
 boundary in every column, NaN where a grader left it unannotated; optionally ``subject`` ``(N,)`` for
