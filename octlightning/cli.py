@@ -1,4 +1,5 @@
-"""LightningCLI for ``fit``/``validate``/``test``/``predict``: run folders, Comet, checkpoints, data->model links.
+"""LightningCLI for ``fit``/``validate``/``test``/``predict``: run folders, Comet, checkpoints, and the data->model
+links of :mod:`octlightning.links` applied before the model is built.
 
 ``octlightning fit --config hparams/vessel_unet.json`` trains, validates and checkpoints into
 ``runs/<experiment>/<version>/`` (``<experiment>`` defaults to the config file name). The model and
@@ -8,7 +9,6 @@ the data are chosen by ``class_path`` in the config; every key can be overridden
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import sys
@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import LastCheckpoint, LogOverlays
 from octlightning.errors import ConfigError
+from octlightning.links import link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
@@ -42,78 +43,6 @@ PROGRESS_BAR_REFRESH_STEPS = 10
 # max_epochs); `trainer.precision: null` means bf16-mixed on a bf16-capable GPU, else 32-true.
 TRAINER_DEFAULTS: dict[str, Any] = {"log_every_n_steps": 5, "default_root_dir": "runs"}
 SEED_DEFAULT = 42
-
-# What the data determines: wherever a task or network in the model config (at any depth) takes an
-# argument of one of these names, the CLI gives it the DataModule's value (typed once, in the data). A
-# config that sets one to another value fails before anything is built (ConfigError naming both).
-DATA_DETERMINES = ("in_channels", "num_classes", "class_names", "num_boundaries", "boundary_names", "output_width")
-# Model arguments the data only suggests: filled from the DataModule attribute when the config leaves
-# them unset (the evaluation tile defaults to the training patch).
-DATA_SUGGESTS = {"sliding_window": "patch_size"}
-
-
-_NOT_TAKEN = object()
-
-
-def _default(cls: type, name: str) -> Any:
-    """The default of argument ``name`` of ``cls`` (searching base classes for ``**kwargs`` pass-through):
-    ``inspect.Parameter.empty`` for a required argument, ``_NOT_TAKEN`` where no class takes it."""
-    for klass in getattr(cls, "__mro__", [cls]):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameter = inspect.signature(init).parameters.get(name)
-        if parameter is not None:
-            return parameter.default
-    return _NOT_TAKEN
-
-
-def link_data_to_model(node: Any, datamodule: Any, where: str = "model") -> None:
-    """Fill the model config ``node`` (a jsonargparse Namespace or a plain dict) in place with what
-    ``datamodule`` determines.
-
-    Walks every ``class_path``/``init_args`` pair under ``node``. An argument named in
-    :data:`DATA_DETERMINES` gets the DataModule's value (a DataModule attribute that is ``None`` leaves
-    it alone); one named in :data:`DATA_SUGGESTS` gets it only while unset.
-
-    Raises:
-        ConfigError: the config sets a determined argument to a value other than its class default and
-            the data's (message names the key and both values).
-    """
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            link_data_to_model(item, datamodule, f"{where}[{i}]")
-        return
-    if not hasattr(node, "get") or node.get("class_path") is None or node.get("init_args") is None:
-        return
-    module, _, name = str(node["class_path"]).rpartition(".")
-    cls = getattr(import_module(module), name)
-    args = node["init_args"]
-    for key in DATA_DETERMINES:
-        value = getattr(datamodule, key, None)
-        accepted = key in args or _default(cls, key) is not _NOT_TAKEN
-        if not accepted or value is None:
-            continue
-        given = args.get(key)
-        if given is not None and _plain(given) != _plain(_default(cls, key)) and _plain(given) != _plain(value):
-            raise ConfigError(
-                f"{where}.init_args.{key} is {_plain(given)!r} in the config, but the data "
-                f"({type(datamodule).__name__} at {getattr(datamodule, 'root', '?')}) has {key} = {_plain(value)!r}; "
-                f"remove it from the config (the data sets it) or use data that matches it"
-            )
-        args[key] = _plain(value)
-    for key, attribute in DATA_SUGGESTS.items():
-        value = getattr(datamodule, attribute, None)
-        if key in args and args[key] is None and value is not None:
-            args[key] = _plain(value)
-    for key, value in list(args.items() if isinstance(args, dict) else vars(args).items()):
-        link_data_to_model(value, datamodule, f"{where}.init_args.{key}")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so that a config's list and a DataModule's tuple compare equal."""
-    return list(value) if isinstance(value, tuple) else value
-
 
 def checkpoint_run_dir(ckpt_path: str | os.PathLike | None) -> Path | None:
     """The run folder a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt`` -> ``<run>``), else None."""

@@ -1,4 +1,8 @@
-"""One implementation of every segmentation metric, used by training, ``test`` and ``evaluate`` alike.
+"""One implementation of every metric (segmentation scores, the layer recipe's boundary errors), used by
+training, ``test`` and ``evaluate`` alike.
+
+One module on purpose, though past 400 lines: the conventions below are stated once and bind every table,
+and no table scores with a copy of its own.
 
 Conventions (the same in epoch logs, per-image and per-volume CSVs and ``octlightning evaluate``):
 

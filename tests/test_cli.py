@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from octlightning.cli import DATA_DETERMINES, SEED_DEFAULT, TRAINER_DEFAULTS, run_cli
+from octlightning.cli import SEED_DEFAULT, TRAINER_DEFAULTS, run_cli
+from octlightning.links import DATA_DETERMINES
 from tests.conftest import REPO, TINY_VESSEL
 
 CONFIG = str(REPO / "hparams" / "vessel_unet.json")

@@ -153,7 +153,8 @@ class BaseDataModule(L.LightningDataModule):
         test_fraction: share held out for ``test`` where the dataset has no test split (0: none).
         predict_dir: a folder (or file) to predict; ``None`` predicts the test split.
         in_channels: channels of the network input the samples carry.
-        cache_mb: memory per loader process for decoded samples (see :class:`SampleCache`; 0: none).
+        cache_mb: memory per loader process for decoded samples (:attr:`cache`, a :class:`SampleCache`;
+            0: none).
         test_dir: another dataset (folder or file, in a layout this DataModule reads) that ``test``
             scores whole: every annotated sample of it, whatever ``root``'s splits; ``None`` tests the
             test split of ``root``. For evaluating on a held-out dataset (train on DRIVE, test on
@@ -166,6 +167,10 @@ class BaseDataModule(L.LightningDataModule):
     :attr:`patch_size` (the training tile, the default sliding window for evaluation). Attributes a
     DataModule does not determine stay ``None``.
 
+    What the layout allows, declared by each subclass and checked here when it is built:
+    :attr:`channel_choices` (the ``in_channels`` its samples can carry) and :attr:`own_splits` (the
+    splits it brings itself, whose ``<split>_fraction`` must then stay 0).
+
     Samples are dicts with the keys of :class:`octlightning.data.sample.Sample`. A subclass's ``setup``
     creates ``train_set``/``val_set`` (fit), ``test_set`` (test) and ``predict_set`` (predict); the
     loaders here serve them with the shared settings.
@@ -177,6 +182,10 @@ class BaseDataModule(L.LightningDataModule):
     boundary_names: list[str] | None = None
     output_width: int | None = None
     patch_size: list[int] | None = None
+    #: ``in_channels`` value -> what the samples then carry (named in the error for any other value)
+    channel_choices: dict[int, str] = {1: "grey", 3: "grey repeated, for RGB-pretrained encoders"}
+    #: split -> where the layout has it from; its ``<split>_fraction`` must stay 0
+    own_splits: dict[str, str] = {}
 
     def __init__(
         self,
@@ -195,6 +204,13 @@ class BaseDataModule(L.LightningDataModule):
         super().__init__()
         if val_fraction < 0 or test_fraction < 0:
             raise ValueError(f"val_fraction and test_fraction must be >= 0, got {val_fraction}, {test_fraction}")
+        name = type(self).__name__
+        for split, fraction in (("val", val_fraction), ("test", test_fraction)):
+            if fraction and split in self.own_splits:
+                raise ValueError(f"{name}: {split}_fraction must be 0: the {split} split is {self.own_splits[split]}")
+        if in_channels not in self.channel_choices:
+            choices = " or ".join(f"{k} ({what})" for k, what in self.channel_choices.items())
+            raise ValueError(f"{name}: in_channels must be {choices}, got {in_channels}")
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -206,6 +222,7 @@ class BaseDataModule(L.LightningDataModule):
         self.in_channels = in_channels
         self.cache_mb = cache_mb
         self.test_dir = test_dir
+        self.cache = SampleCache(cache_mb)  # for the subclass's training and validation datasets
         self._train_loader: ContinuousTrainLoader | None = None
 
     # Subclasses override to pad variable-size samples; default stacks equal-size samples.

@@ -1,4 +1,7 @@
-"""Fundus vessel segmentation sets: DRIVE (as published), CHASE_DB1, or plain image/mask folders.
+"""Fundus vessel segmentation sets: DRIVE (as published), CHASE_DB1, Kaggle, or plain image/mask folders.
+
+Which files each layout holds is :mod:`octlightning.data.formats.fundus`; this module decodes them and
+serves samples.
 
 Every sample carries its field-of-view (FOV) mask so that losses and metrics only count pixels inside
 the retina, as the DRIVE protocol prescribes. The sets are small (20-40 images), so every image is
@@ -7,7 +10,6 @@ decoded once in :meth:`setup` and kept in memory; loader workers share it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,13 +21,20 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, make_pad_collate, split_indices
+from octlightning.data.formats.fundus import (
+    LAYOUT_MASK_THRESHOLD,
+    LAYOUTS,
+    Layout,
+    chase_child,
+    detect_layout,
+    labelled_fundus_files,
+    scan_fundus_files,
+)
 from octlightning.data.io import (
-    check_pairs,
     list_images,
     read_image,
     read_mask,
     require_dir,
-    require_utf8_name,
     unique_index,
 )
 from octlightning.data.transforms import (
@@ -38,14 +47,6 @@ from octlightning.data.transforms import (
     segmentation_augmentation,
 )
 from octlightning.errors import DataError
-
-Layout = Literal["drive", "chase", "kaggle", "folder"]
-LAYOUTS = ("drive", "chase", "kaggle", "folder")
-# Masks of the Kaggle retina-blood-vessel set were resized with interpolation: 8-bit grey with grey
-# vessel edges. Grey levels above 127 (the midpoint) are vessel unless mask_threshold says otherwise;
-# the other layouts ship strictly two-valued masks and are read as such.
-LAYOUT_MASK_THRESHOLD: dict[str, int | None] = {"kaggle": 127}
-CHASE_NAME = re.compile(r"Image_(\d+)([LR])")
 
 
 @dataclass
@@ -63,132 +64,10 @@ class FundusRecord:
     group: str = ""
 
 
-def _leading_number(path: Path) -> str:
-    m = re.match(r"(\d+)", path.name)
-    if not m:
-        raise DataError(f"{path}: DRIVE file names start with the image number (e.g. 21_training.tif)")
-    return m.group(1)
-
-
 def fov_from_image(image: np.ndarray, threshold: int = 20) -> np.ndarray:
     """FOV for sets that ship none (CHASE_DB1, Kaggle): red channel above a dark threshold, holes filled."""
     fov = ndimage.binary_fill_holes(image[..., 0] > threshold)
     return ndimage.binary_opening(fov, iterations=2).astype(np.uint8)
-
-
-def _kaggle_base(root: Path) -> Path | None:
-    """The folder holding ``train/image`` of a Kaggle retina-blood-vessel set: ``root/Data`` or ``root``."""
-    for base in (root / "Data", root):
-        if (base / "train" / "image").is_dir():
-            return base
-    return None
-
-
-def detect_layout(root: Path) -> Layout:
-    """Which fundus layout ``root`` holds, from its folder and file names.
-
-    ``drive``: ``training/images``; ``kaggle``: ``Data/train/image`` (or ``train/image``); ``chase``:
-    ``Image_NNL_1stHO.png`` files; ``folder``: ``images/`` and ``masks/``. Raises :class:`DataError`
-    naming ``root`` and every layout looked for when none matches.
-    """
-    require_dir(root, "fundus dataset")
-    if (root / "training" / "images").is_dir():
-        return "drive"
-    if _kaggle_base(root) is not None:
-        return "kaggle"
-    if any(root.glob("Image_*_1stHO.png")):
-        return "chase"
-    if (root / "images").is_dir() and (root / "masks").is_dir():
-        return "folder"
-    raise DataError(
-        f"{root}: no fundus layout recognised; expected DRIVE (training/images, training/1st_manual, "
-        f"training/mask), CHASE_DB1 (Image_NNL.jpg + Image_NNL_1stHO.png), Kaggle retina-blood-vessel "
-        f"(Data/train/image + Data/train/mask) or images/ + masks/ [+ fov/]; set layout to one of {list(LAYOUTS)}"
-    )
-
-
-def _image_mask_folders(base: Path, image_dir: str, mask_dir: str, fov_dir: str | None, what: str):
-    """``(id, image, mask, fov)`` of a folder pair matched by file stem (Kaggle, plain folders)."""
-    images = unique_index(list_images(require_dir(base / image_dir, f"{what} images")), what="image")
-    masks = unique_index(list_images(require_dir(base / mask_dir, f"{what} masks")), what="mask")
-    check_pairs(images, masks)
-    fovs = {}
-    if fov_dir is not None and (base / fov_dir).is_dir():
-        fovs = unique_index(list_images(base / fov_dir), what="FOV mask")
-        check_pairs(images, fovs, "FOV mask")
-    return [(k, images[k], masks[k], fovs.get(k)) for k in sorted(images)]
-
-
-def scan_fundus_files(
-    root: Path, layout: Layout, split: Literal["train", "test"]
-) -> list[tuple[str, Path, Path | None, Path | None]]:
-    """Find ``(id, image, vessel mask, fov mask)`` paths for a split; checks that pairs are complete."""
-    if layout == "drive":
-        folder = require_dir(root / ("training" if split == "train" else "test"), f"DRIVE {split}")
-        images = unique_index(list_images(require_dir(folder / "images", "DRIVE images")), _leading_number, "image")
-        manual_dir = folder / "1st_manual"
-        if manual_dir.is_dir():
-            masks = unique_index(list_images(manual_dir), _leading_number, "vessel mask")
-            check_pairs(images, masks, "vessel mask (1st_manual/NN_manual1.gif)")
-        elif split == "train":
-            raise DataError(f"{manual_dir}: DRIVE training folder has no 1st_manual vessel masks")
-        else:
-            masks = {}
-        fov_dir = require_dir(folder / "mask", "DRIVE field-of-view mask")
-        fovs = unique_index(list_images(fov_dir), _leading_number, "FOV mask")
-        check_pairs(images, fovs, "FOV mask (mask/NN_<split>_mask.gif)")
-        return [(k, images[k], masks.get(k), fovs[k]) for k in sorted(images)]
-    if layout == "chase":
-        require_dir(root, "CHASE_DB1")
-        images = unique_index((p for p in list_images(root, (".jpg",)) if p.stem.startswith("Image_")), what="image")
-        masks = {p.stem.removesuffix("_1stHO"): require_utf8_name(p) for p in root.glob("Image_*_1stHO.png")}
-        if not images:
-            raise DataError(f"{root}: no CHASE_DB1 images (Image_NNX.jpg) found")
-        check_pairs(images, masks, "1st-observer mask (Image_NNX_1stHO.png)")
-        # The usual CHASE_DB1 protocol: children 1-10 (20 images) train, 11-14 (8 images) test.
-        keep = [k for k in sorted(images) if (int(chase_child(images[k])) <= 10) == (split == "train")]
-        return [(k, images[k], masks[k], None) for k in keep]
-    if layout == "kaggle":
-        base = _kaggle_base(root)
-        if base is None:
-            raise DataError(f"{root}: no Kaggle retina-blood-vessel training folder (Data/train/image) found")
-        if split == "test" and not (base / "test").is_dir():
-            raise DataError(f"{base / 'test'}: no test folder (expected test/image and test/mask)")
-        # No FOV masks are shipped: the FOV is derived from each image.
-        return _image_mask_folders(base / split, "image", "mask", None, f"Kaggle {split}")
-    if layout == "folder":
-        base = root if split == "train" else root / "test"
-        if split == "test" and not base.is_dir():
-            raise DataError(f"{base}: no test folder (expected test/images and test/masks)")
-        return _image_mask_folders(base, "images", "masks", "fov", "")
-    raise ValueError(f"unknown fundus layout {layout!r}; choose one of {list(LAYOUTS)} or null (detect)")
-
-
-def chase_child(path: Path) -> str:
-    """The child of a CHASE_DB1 image (``Image_05L.jpg`` and ``Image_05R.jpg``: child ``05``)."""
-    m = CHASE_NAME.match(path.name)
-    if not m:
-        raise DataError(f"{path}: CHASE_DB1 image names are Image_<child><L|R>.jpg (e.g. Image_01L.jpg)")
-    return m.group(1)
-
-
-def labelled_fundus_files(root: Path, layout: Layout) -> list[tuple[str, Path, Path | None, Path | None]]:
-    """Every image of a dataset that has a vessel mask: its training part and its test part (when the
-    layout has one and it is annotated), for testing on a whole held-out dataset (``test_dir``)."""
-    files = scan_fundus_files(root, layout, "train")
-    kaggle = _kaggle_base(root)
-    has_test = {
-        "drive": (root / "test").is_dir(),
-        "chase": True,
-        "kaggle": kaggle is not None and (kaggle / "test").is_dir(),
-        "folder": (root / "test").is_dir(),
-    }[layout]
-    test = scan_fundus_files(root, layout, "test") if has_test else []
-    ids = {f[0] for f in files}
-    clash = sorted(ids & {f[0] for f in test})
-    if clash:
-        raise DataError(f"{root}: ids {clash[:5]} occur in its training and its test part; rename one")
-    return files + [f for f in test if f[2] is not None]
 
 
 def load_fundus_records(files, clahe: bool, mask_threshold: int | None = None, layout: str = "") -> list[FundusRecord]:
@@ -289,6 +168,9 @@ class FundusVesselDataModule(BaseDataModule):
     of one child in one split), by image otherwise.
     """
 
+    channel_choices = {3: "RGB", 1: "the green channel alone"}
+    own_splits = {"test": "the layout's own test images"}
+
     def __init__(
         self,
         root: str,
@@ -315,10 +197,6 @@ class FundusVesselDataModule(BaseDataModule):
             in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
-        if test_fraction:
-            raise ValueError("test_fraction must be 0 for fundus data: every layout brings its own test split")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 3 (RGB) or 1 (green channel), got {in_channels}")
         if layout is not None and layout not in LAYOUTS:
             raise ValueError(f"unknown fundus layout {layout!r}; choose one of {list(LAYOUTS)} or null (detect)")
         self.layout = layout

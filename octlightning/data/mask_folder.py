@@ -237,6 +237,7 @@ class MaskFolderDataModule(BaseDataModule):
 
     num_classes = 1  # binary: one foreground logit
     class_names = ["lesion"]
+    channel_choices = {3: "RGB"}
 
     def __init__(
         self,
@@ -280,7 +281,6 @@ class MaskFolderDataModule(BaseDataModule):
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.augment = augment
         self.mask_threshold = mask_threshold
-        self.cache = SampleCache(cache_mb)
         self._split: dict[str, list[MaskPair]] | None = None
 
     # ----------------------------------------------------------------- files

@@ -1,5 +1,8 @@
 """OCT retinal-layer boundaries from HDF5: B-scans and, per column, the row of each chosen boundary.
 
+One job (the dataset and DataModule of one layout), though past 400 lines: most of it is the options that
+real layer files need (dataset names, axes, split and NaN policies) and their checks.
+
 The file (:mod:`octlightning.data.formats.layer_h5`, which reads and writes it) holds ``images``
 ``(N, H, W)`` grayscale B-scans and ``layer_maps`` ``(N, W, L)`` with the row (y, pixels) of every
 boundary in every column, NaN where a grader left it unannotated; optionally ``subject`` ``(N,)`` for
@@ -21,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import albumentations as A
 import cv2
 import h5py
 import numpy as np
@@ -30,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
-from octlightning.data.coords import column_positions, interpolate_gaps, resample_columns, rescale_rows
+from octlightning.data.coords import interpolate_gaps, resample_columns, rescale_rows
 from octlightning.data.formats.layer_h5 import (
     IMAGE_AXES,
     LAYER_AXES,
@@ -39,91 +41,11 @@ from octlightning.data.formats.layer_h5 import (
     inspect_layer_file,
     read_along_n,
 )
-from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SeededTransform
+from octlightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, LayerAugmentation, SeededTransform
 from octlightning.errors import ConfigError, DataError
 
 NanPolicy = Literal["mask", "interpolate"]
 SplitBy = Literal["file", "subject", "bscan"]
-
-
-# ----------------------------------------------------------------------------- augmentation
-class LayerAugmentation:
-    """Augmentation for a B-scan and its boundary coordinates that keeps both registered.
-
-    Geometric: horizontal flip (columns reversed), vertical scaling about the image centre and
-    vertical shift, and an "elastic" smooth column-wise vertical displacement; all move rows only, so
-    the same transform maps every coordinate exactly (one ``cv2.remap`` for the image). Photometric
-    (albumentations): brightness/contrast, multiplicative speckle-like noise, additive Gaussian noise.
-    Boundaries pushed out of the image are marked invalid. Implements ``set_random_seed`` so that
-    :class:`~octlightning.data.transforms.SeededTransform` reseeds it per loader worker.
-
-    Args:
-        hflip: probability of a horizontal flip.
-        shift: maximal vertical shift as a fraction of the height (uniform in +-shift).
-        scale: maximal vertical scaling (factor uniform in ``1 +- scale``).
-        elastic: probability of a smooth column-wise vertical displacement.
-        elastic_amplitude: its maximal displacement as a fraction of the height.
-        brightness_contrast, speckle, noise: probabilities of the photometric transforms.
-    """
-
-    def __init__(
-        self,
-        hflip: float = 0.5,
-        shift: float = 0.05,
-        scale: float = 0.1,
-        elastic: float = 0.0,
-        elastic_amplitude: float = 0.03,
-        brightness_contrast: float = 0.5,
-        speckle: float = 0.3,
-        noise: float = 0.2,
-    ) -> None:
-        self.hflip, self.shift, self.scale = hflip, shift, scale
-        self.elastic, self.elastic_amplitude = elastic, elastic_amplitude
-        ops: list[A.BasicTransform] = []
-        if brightness_contrast > 0:
-            ops.append(A.RandomBrightnessContrast(0.2, 0.2, p=brightness_contrast))
-        if speckle > 0:
-            ops.append(A.MultiplicativeNoise(multiplier=(0.8, 1.2), elementwise=True, p=speckle))
-        if noise > 0:
-            ops.append(A.GaussNoise(std_range=(0.01, 0.05), p=noise))
-        self.photometric = A.Compose(ops) if ops else None
-        self.rng = np.random.default_rng()
-
-    def set_random_seed(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        if self.photometric is not None:
-            self.photometric.set_random_seed(seed)
-
-    def _column_displacement(self, width: int, height: int) -> np.ndarray:
-        """A smooth random vertical displacement per column (a few random sine components)."""
-        x = np.arange(width) / max(1, width - 1)
-        d = np.zeros(width)
-        for k in range(1, 4):
-            d += self.rng.normal() / k * np.sin(np.pi * k * x + self.rng.uniform(0, 2 * np.pi))
-        return d / max(1e-6, np.abs(d).max()) * self.elastic_amplitude * height * self.rng.uniform()
-
-    def __call__(self, image: np.ndarray, coords: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
-        """``image`` ``(H, W)`` float32, ``coords``/``valid`` ``(L, W_out)`` in the image's pixels."""
-        h, w = image.shape
-        rng = self.rng
-        s = 1 + rng.uniform(-self.scale, self.scale) if self.scale > 0 else 1.0
-        t = rng.uniform(-self.shift, self.shift) * h if self.shift > 0 else 0.0
-        d = self._column_displacement(w, h) if self.elastic > 0 and rng.random() < self.elastic else np.zeros(w)
-        c = (h - 1) / 2
-        if s != 1.0 or t != 0.0 or d.any():
-            # destination row y' = s * (y - c) + c + t + d(x)  <=>  source row y = (y' - c - t - d(x)) / s + c
-            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-            map_y = ((yy - c - t - d[None, :]) / s + c).astype(np.float32)
-            image = cv2.remap(image, xx, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            d_out = np.interp(np.clip(column_positions(w, coords.shape[-1]), 0, w - 1), np.arange(w), d)
-            coords = s * (coords - c) + c + t + d_out[None, :]
-            valid = valid & (coords >= 0) & (coords <= h - 1)
-            coords = np.where(valid, coords, np.nan)
-        if self.hflip > 0 and rng.random() < self.hflip:
-            image, coords, valid = image[:, ::-1], coords[:, ::-1], valid[:, ::-1]
-        if self.photometric is not None:
-            image = self.photometric(image=np.ascontiguousarray(image))["image"]
-        return {"image": np.ascontiguousarray(image), "coords": np.ascontiguousarray(coords), "valid": valid.copy()}
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -327,8 +249,6 @@ class OCTLayerDataModule(BaseDataModule):
         self.save_hyperparameters(ignore=["boundary_names"])  # logged by the task, which gets them from here
         if nan_policy not in ("mask", "interpolate"):
             raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, not {in_channels}")
         size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be an int or [height, width], not {image_size}")
@@ -347,7 +267,6 @@ class OCTLayerDataModule(BaseDataModule):
         self.intensity_max = intensity_max
         self.augment = augment
         self.elastic = elastic
-        self.cache = SampleCache(cache_mb)
         self._index: LayerFileIndex | None = None
         self.splits: dict[str, np.ndarray] = {}
 
@@ -464,7 +383,7 @@ class OCTLayerDataModule(BaseDataModule):
         if stage == "fit":
             transform = None
             if self.augment:
-                transform = SeededTransform(LayerAugmentation(elastic=self.elastic))  # type: ignore[arg-type]
+                transform = SeededTransform(LayerAugmentation(elastic=self.elastic))
             self.train_set = self._dataset(index, split["train"], self.layer_key, transform, cache=True)
         if stage in ("fit", "validate"):
             if len(split["val"]) == 0:

@@ -130,6 +130,8 @@ class OCTSemSegDataModule(BaseDataModule):
             (see :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
 
+    own_splits = {"val": "the layout's val/ folder", "test": "the layout's test/ folder"}
+
     def __init__(
         self,
         root: str,
@@ -155,10 +157,6 @@ class OCTSemSegDataModule(BaseDataModule):
             in_channels, cache_mb, test_dir,
         )  # fmt: skip
         self.save_hyperparameters()
-        if val_fraction or test_fraction:
-            raise ValueError("val_fraction and test_fraction must be 0: the MIRAGE layout has val/ and test/ folders")
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         if normalize == "imagenet" and in_channels != 3:
             raise ValueError("normalize='imagenet' needs in_channels=3 (ImageNet statistics are per RGB channel)")
         self.info_path = Path(info) if info is not None else Path(root) / "INFO.json"
@@ -167,7 +165,6 @@ class OCTSemSegDataModule(BaseDataModule):
         self.augment = augment
         self.pad_to = pad_to
         self.volume_pattern = volume_pattern
-        self.cache = SampleCache(cache_mb)
         self._info: SemSegInfo | None = None
 
     @property

@@ -1,28 +1,40 @@
-"""Albumentations pipelines shared by the DataModules, and image/mask tensor conversion."""
+"""Augmentation shared by the DataModules (albumentations pipelines for images and masks, the
+boundary-preserving B-scan augmentation of the layer recipe), and image/mask tensor conversion."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 
+from octlightning.data.coords import column_positions
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class Reseedable(Protocol):
+    """A transform with its own random generator: an ``A.Compose`` or :class:`LayerAugmentation`."""
+
+    def set_random_seed(self, seed: int) -> None: ...
+
+    def __call__(self, **data: Any) -> dict[str, Any]: ...
+
+
 class SeededTransform:
-    """An ``A.Compose`` that is reseeded from ``torch.initial_seed()`` in every loader worker.
+    """A transform (``A.Compose``, :class:`LayerAugmentation`) reseeded from ``torch.initial_seed()`` in
+    every loader worker.
 
     Albumentations 2 keeps its own random generators, which a forked worker copies: without this
     every worker would produce the same augmentations, and runs would not follow the global seed.
     ``torch.initial_seed()`` differs per worker and follows ``seed_everything``.
     """
 
-    def __init__(self, compose: A.Compose) -> None:
+    def __init__(self, compose: Reseedable) -> None:
         self.compose = compose
         self._seed: int | None = None
 
@@ -32,6 +44,27 @@ class SeededTransform:
             self.compose.set_random_seed(seed)
             self._seed = seed
         return self.compose(**data)
+
+
+def photometric_ops(
+    brightness_contrast: float, noise: float, noise_std: tuple[float, float], speckle: float = 0.0
+) -> list[A.BasicTransform]:
+    """Intensity changes that move no pixel, each applied with its probability (0 leaves it out).
+
+    Args:
+        brightness_contrast: probability of a random brightness/contrast change (+-20 %).
+        noise: probability of additive Gaussian noise.
+        noise_std: its standard deviation range, as a fraction of the intensity range.
+        speckle: probability of multiplicative, per-pixel noise (factor in 0.8-1.2), like OCT speckle.
+    """
+    ops: list[A.BasicTransform] = []
+    if brightness_contrast > 0:
+        ops.append(A.RandomBrightnessContrast(0.2, 0.2, p=brightness_contrast))
+    if speckle > 0:
+        ops.append(A.MultiplicativeNoise(multiplier=(0.8, 1.2), elementwise=True, p=speckle))
+    if noise > 0:
+        ops.append(A.GaussNoise(std_range=noise_std, p=noise))
+    return ops
 
 
 def segmentation_augmentation(
@@ -68,11 +101,81 @@ def segmentation_augmentation(
         ops.append(A.Rotate(limit=rotate_limit, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5))
     if elastic > 0:
         ops.append(A.ElasticTransform(alpha=30, sigma=6, p=elastic))
-    if brightness_contrast > 0:
-        ops.append(A.RandomBrightnessContrast(0.2, 0.2, p=brightness_contrast))
-    if noise > 0:
-        ops.append(A.GaussNoise(std_range=(0.02, 0.06), p=noise))
+    ops += photometric_ops(brightness_contrast, noise, noise_std=(0.02, 0.06))
     return SeededTransform(A.Compose(ops, additional_targets={k: "mask" for k in extra_masks}))
+
+
+class LayerAugmentation:
+    """Augmentation for a B-scan and its boundary coordinates that keeps both registered.
+
+    Geometric: horizontal flip (columns reversed), vertical scaling about the image centre and
+    vertical shift, and an "elastic" smooth column-wise vertical displacement; all move rows only, so
+    the same transform maps every coordinate exactly (one ``cv2.remap`` for the image). Photometric
+    (albumentations): brightness/contrast, multiplicative speckle-like noise, additive Gaussian noise.
+    Boundaries pushed out of the image are marked invalid. Implements ``set_random_seed`` so that
+    :class:`SeededTransform` reseeds it per loader worker.
+
+    Args:
+        hflip: probability of a horizontal flip.
+        shift: maximal vertical shift as a fraction of the height (uniform in +-shift).
+        scale: maximal vertical scaling (factor uniform in ``1 +- scale``).
+        elastic: probability of a smooth column-wise vertical displacement.
+        elastic_amplitude: its maximal displacement as a fraction of the height.
+        brightness_contrast, speckle, noise: probabilities of the photometric transforms.
+    """
+
+    def __init__(
+        self,
+        hflip: float = 0.5,
+        shift: float = 0.05,
+        scale: float = 0.1,
+        elastic: float = 0.0,
+        elastic_amplitude: float = 0.03,
+        brightness_contrast: float = 0.5,
+        speckle: float = 0.3,
+        noise: float = 0.2,
+    ) -> None:
+        self.hflip, self.shift, self.scale = hflip, shift, scale
+        self.elastic, self.elastic_amplitude = elastic, elastic_amplitude
+        ops = photometric_ops(brightness_contrast, noise, noise_std=(0.01, 0.05), speckle=speckle)
+        self.photometric = A.Compose(ops) if ops else None
+        self.rng = np.random.default_rng()
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        if self.photometric is not None:
+            self.photometric.set_random_seed(seed)
+
+    def _column_displacement(self, width: int, height: int) -> np.ndarray:
+        """A smooth random vertical displacement per column (a few random sine components)."""
+        x = np.arange(width) / max(1, width - 1)
+        d = np.zeros(width)
+        for k in range(1, 4):
+            d += self.rng.normal() / k * np.sin(np.pi * k * x + self.rng.uniform(0, 2 * np.pi))
+        return d / max(1e-6, np.abs(d).max()) * self.elastic_amplitude * height * self.rng.uniform()
+
+    def __call__(self, image: np.ndarray, coords: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+        """``image`` ``(H, W)`` float32, ``coords``/``valid`` ``(L, W_out)`` in the image's pixels."""
+        h, w = image.shape
+        rng = self.rng
+        s = 1 + rng.uniform(-self.scale, self.scale) if self.scale > 0 else 1.0
+        t = rng.uniform(-self.shift, self.shift) * h if self.shift > 0 else 0.0
+        d = self._column_displacement(w, h) if self.elastic > 0 and rng.random() < self.elastic else np.zeros(w)
+        c = (h - 1) / 2
+        if s != 1.0 or t != 0.0 or d.any():
+            # destination row y' = s * (y - c) + c + t + d(x)  <=>  source row y = (y' - c - t - d(x)) / s + c
+            yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+            map_y = ((yy - c - t - d[None, :]) / s + c).astype(np.float32)
+            image = cv2.remap(image, xx, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            d_out = np.interp(np.clip(column_positions(w, coords.shape[-1]), 0, w - 1), np.arange(w), d)
+            coords = s * (coords - c) + c + t + d_out[None, :]
+            valid = valid & (coords >= 0) & (coords <= h - 1)
+            coords = np.where(valid, coords, np.nan)
+        if self.hflip > 0 and rng.random() < self.hflip:
+            image, coords, valid = image[:, ::-1], coords[:, ::-1], valid[:, ::-1]
+        if self.photometric is not None:
+            image = self.photometric(image=np.ascontiguousarray(image))["image"]
+        return {"image": np.ascontiguousarray(image), "coords": np.ascontiguousarray(coords), "valid": valid.copy()}
 
 
 def clahe_green(image: np.ndarray, clip_limit: float = 2.0, tile: int = 8) -> np.ndarray:

@@ -1,5 +1,8 @@
 """A ViT foundation encoder (MIRAGE / RETFound style) from a local checkpoint, with a light decoder.
 
+One module on purpose, though past 400 lines: a preset names both the encoder's shape and the key layout
+of its released checkpoints, so the network and the loading of those weights are read together.
+
 The encoder is timm's ``VisionTransformer`` built with ``pretrained=False`` (nothing is downloaded);
 its size comes from a preset (``mirage-base``, ``mirage-large``, ``retfound``, ``tiny``) that any
 argument overrides. Weights are read with :func:`octlightning.checkpoints.load_state_dict`

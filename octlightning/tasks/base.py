@@ -16,13 +16,21 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torchmetrics
 from torch import Tensor, nn
 
 
 class BaseTask(L.LightningModule):
-    """Base LightningModule: subclasses implement the steps and set :attr:`monitor`/:attr:`monitor_mode`.
+    """Base LightningModule: the network, the optimisation, the validation loss, the GPU fast path.
+
+    Subclasses give every argument below in their own signature, with the defaults of their recipe
+    (what ``--help`` and ``--print_config`` show; this class has none, so each default is typed once),
+    create ``val_metrics`` and implement the steps and :meth:`_log_metrics`.
 
     Args:
+        net: the network (``self.net``).
+        monitor: validation metric for checkpoints, early stopping and the ``plateau`` schedule.
+        monitor_mode: ``max`` or ``min``: whether a larger ``monitor`` is better.
         lr: peak learning rate.
         weight_decay: L2 / decoupled weight decay.
         optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9); fused kernels on CUDA.
@@ -35,20 +43,24 @@ class BaseTask(L.LightningModule):
         compile: ``torch.compile`` the network; falls back to eager with a warning if compilation fails.
     """
 
-    monitor: str = "val/loss"
-    monitor_mode: Literal["min", "max"] = "min"
-
     def __init__(
         self,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
-        scheduler: Literal["none", "cosine", "plateau", "step"] = "none",
-        warmup_epochs: int = 0,
-        channels_last: bool = True,
-        compile: bool = False,
+        net: nn.Module,
+        *,
+        monitor: str,
+        monitor_mode: Literal["min", "max"],
+        lr: float,
+        weight_decay: float,
+        optimizer: Literal["adam", "adamw", "sgd"],
+        scheduler: Literal["none", "cosine", "plateau", "step"],
+        warmup_epochs: int,
+        channels_last: bool,
+        compile: bool,
     ) -> None:
         super().__init__()
+        self.net = net
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
@@ -60,6 +72,7 @@ class BaseTask(L.LightningModule):
         self._forward_impl: Callable[[Tensor], Any] | None = None
         # Per-sample rows of the running stage, before gathering; callbacks may add columns to them.
         self.result_rows: list[dict[str, Any]] = []
+        self.val_loss = torchmetrics.MeanMetric()  # per-batch losses weighted by batch size
 
     # ----------------------------------------------------------------- fast path
     def networks(self) -> list[nn.Module]:
@@ -163,6 +176,15 @@ class BaseTask(L.LightningModule):
             shown = key == prog_bar
             self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=shown, batch_size=batch_size)
             self.log(f"{key}_epoch", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+    def _log_metrics(self, metrics: Any, prefix: str) -> dict[str, float]:
+        """Compute, log as ``<prefix>/<name>`` and reset the epoch ``metrics``; return what was logged."""
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
+        self._log_metrics(self.val_metrics, "val")
 
     # ----------------------------------------------------------------- run folder
     @property

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
@@ -112,13 +111,15 @@ class LayerRegressionTask(BaseTask):
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile)
+        super().__init__(
+            net, monitor=monitor, monitor_mode=monitor_mode, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+            scheduler=scheduler, warmup_epochs=warmup_epochs, channels_last=channels_last, compile=compile,
+        )  # fmt: skip
         # mc_samples is a prediction-time choice: kept out of the checkpoint's hyperparameters, which
         # LightningCLI would otherwise apply over the command line when given --ckpt_path.
         self.save_hyperparameters(ignore=["net", "mc_samples"])
         if loss not in ("ce_l1", "mse", "l1", "smooth_l1"):
             raise ValueError(f"unknown regression loss {loss!r}; choose ce_l1, mse, l1 or smooth_l1")
-        self.net = net
         self.boundary_names = list(boundary_names or ["ILM", "BM"])
         n = len(self.boundary_names)
         self.loss_kind = loss
@@ -131,11 +132,8 @@ class LayerRegressionTask(BaseTask):
                 raise ValueError(f"thickness_between {thickness_between} names one boundary twice")
             self.thickness_between = (up, low)
         self.mc_samples = mc_samples
-        self.monitor = monitor
-        self.monitor_mode = monitor_mode
         self.val_metrics = BoundaryError(n, self.thickness_between)
         self.test_metrics = BoundaryError(n, self.thickness_between)
-        self.val_loss = torchmetrics.MeanMetric()
 
     # ----------------------------------------------------------------- helpers
     def forward(self, x: Tensor) -> Tensor:
@@ -241,11 +239,6 @@ class LayerRegressionTask(BaseTask):
         self.val_loss.update(loss.detach(), weight=len(batch["id"]))
         self._update(self.val_metrics, pred, batch)
         return {"pred": pred.detach()} if batch_idx == 0 else None
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.val_loss.reset()
-        self._log_metrics(self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pred, _ = self._step(batch)

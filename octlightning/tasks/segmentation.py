@@ -57,7 +57,7 @@ class SegmentationTask(BaseTask):
             (torchmetrics ``BinaryAUROC(thresholds=None)``, equal to ``sklearn.metrics.roc_auc_score`` on
             the same pixels: the DRIVE protocol); it keeps every scored pixel (5 bytes each), so very large
             test sets (ISIC at original size) can bin it over this many thresholds instead.
-        monitor: validation metric for checkpoints/early stopping (default ``val/dice``, maximised).
+        monitor, monitor_mode: checkpoint / early-stopping metric (``val/dice``, maximised).
         sliding_window: ``[height, width]`` tile for validation/test/predict forwards (networks trained on
             patches); tiles overlap by ``sliding_window_overlap`` and are blended with
             ``sliding_window_blend`` weights (:func:`octlightning.inference.sliding_window`). ``None``
@@ -95,10 +95,12 @@ class SegmentationTask(BaseTask):
         sliding_window_blend: Literal["gaussian", "linear", "constant"] = "gaussian",
         hd95: bool = False,
     ) -> None:
-        super().__init__(lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile)
+        super().__init__(
+            net, monitor=monitor, monitor_mode=monitor_mode, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+            scheduler=scheduler, warmup_epochs=warmup_epochs, channels_last=channels_last, compile=compile,
+        )  # fmt: skip
         # A loss module is part of the model's state (checkpoint), like the network; a name is a hyperparameter.
         self.save_hyperparameters(ignore=["net", "loss"] if isinstance(loss, nn.Module) else ["net"])
-        self.net = net
         self.num_classes = num_classes
         self.binary = num_classes == 1
         self.loss_fn = build_segmentation_loss(loss)
@@ -107,13 +109,10 @@ class SegmentationTask(BaseTask):
         if len(self.class_names) != n_fg:
             raise ValueError(f"class_names has {len(self.class_names)} names for {n_fg} foreground classes")
         self.threshold = threshold
-        self.monitor = monitor
-        self.monitor_mode = monitor_mode
         self.use_auroc = auroc and self.binary
         self.test_auroc_thresholds = test_auroc_thresholds
         self.val_metrics = self._make_metrics(auroc_thresholds)
         self.test_metrics = self._make_metrics(test_auroc_thresholds)
-        self.val_loss = torchmetrics.MeanMetric()
         self.sliding_window = sliding_window
         self.sliding_window_overlap = sliding_window_overlap
         self.sliding_window_blend = sliding_window_blend
@@ -199,11 +198,6 @@ class SegmentationTask(BaseTask):
         self.val_loss.update(loss.detach(), weight=batch["image"].shape[0])
         self._update(self.val_metrics, probs, batch["mask"][:, 0], valid)
         return {"probs": probs.detach()} if batch_idx == 0 else None
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.val_loss.reset()
-        self._log_metrics(self.val_metrics, "val")
 
     def scored_pixels(
         self, batch: dict[str, Any], probs: Tensor, valid: Tensor, i: int

@@ -16,8 +16,8 @@ from torch import nn
 
 from octlightning.cli import run_cli
 from octlightning.data.coords import interpolate_gaps, resample_columns, rescale_rows
-from octlightning.data.oct_layers import LayerAugmentation, OCTLayerDataModule
-from octlightning.data.transforms import SeededTransform
+from octlightning.data.oct_layers import OCTLayerDataModule
+from octlightning.data.transforms import LayerAugmentation, SeededTransform
 from octlightning.errors import DataError
 from octlightning.losses import row_cross_entropy
 from octlightning.metrics import BoundaryError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from octlightning.data.base import BaseDataModule, SampleCache, make_pad_collate, split_indices
+from octlightning.data.base import BaseDataModule, make_pad_collate, split_indices
 from octlightning.data.retouch.cases import FLUIDS, VENDORS, RetouchCase, canonical_vendor, find_cases
 from octlightning.data.retouch.datasets import RetouchPatchDataset, RetouchSliceDataset
 from octlightning.data.retouch.preprocess import PreprocessSettings, VolumeStore, build_cache, default_cache_dir
@@ -113,8 +113,6 @@ class RetouchDataModule(BaseDataModule):
             roi_entropy_radius=roi_entropy_radius,
             roi_closing_radius=roi_closing_radius,
         )
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grey) or 3 (grey repeated), got {in_channels}")
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(Path(root))
         self.vendor = canonical_vendor(vendor, "vendor option") if vendor else None
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
@@ -125,7 +123,6 @@ class RetouchDataModule(BaseDataModule):
         self.test_cases = test_cases
         self.augment = augment
         self.pad_to = pad_to
-        self.cache = SampleCache(cache_mb)
         self._store: VolumeStore | None = None
         self._other_stores: dict[str, VolumeStore] = {}  # predict_dir and test_dir, preprocessed
 
