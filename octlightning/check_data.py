@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from octlightning.errors import DataError
+from octlightning.links import DATA_DETERMINES, DATA_SUGGESTS
 
 SPLITS = (("fit", "train_set", "train"), ("fit", "val_set", "val"), ("test", "test_set", "test"))
 # How DataModules say a dataset has no test split (not a problem); a broken file whose path merely
@@ -83,12 +84,10 @@ def format_summary(split: str, summary: dict[str, Any]) -> list[str]:
 
 
 def model_lines(dm: Any) -> list[str]:
-    """What ``fit`` links from this data into the model (:data:`octlightning.cli.DATA_DETERMINES`:
+    """What ``fit`` links from this data into the model (:data:`octlightning.links.DATA_DETERMINES`:
     channels, classes and their names, boundaries, output width; and the training patch), one
     ``name value`` per line; attributes the DataModule leaves ``None`` are left out. Read after
     ``setup`` (class names can come from the files)."""
-    from octlightning.cli import DATA_DETERMINES, DATA_SUGGESTS
-
     names = [*DATA_DETERMINES, *DATA_SUGGESTS.values()]
     values = {name: getattr(dm, name, None) for name in names}
     return ["model gets:"] + [f"  {name:<15} {value}" for name, value in values.items() if value is not None]

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import LastCheckpoint, LogOverlays
 from octlightning.errors import ConfigError
-from octlightning.links import link_data_to_model
+from octlightning.links import init_parameters, link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
@@ -43,6 +43,7 @@ PROGRESS_BAR_REFRESH_STEPS = 10
 # max_epochs); `trainer.precision: null` means bf16-mixed on a bf16-capable GPU, else 32-true.
 TRAINER_DEFAULTS: dict[str, Any] = {"log_every_n_steps": 5, "default_root_dir": "runs"}
 SEED_DEFAULT = 42
+
 
 def checkpoint_run_dir(ckpt_path: str | os.PathLike | None) -> Path | None:
     """The run folder a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt`` -> ``<run>``), else None."""
@@ -84,20 +85,6 @@ _NOT_ACCEPTED = re.compile(r"class_path '([\w.]+)':\s+Option '(\w+)' is not acce
 _UNRECOGNIZED = re.compile(r"unrecognized arguments:\s+(--[\w.]+)", re.IGNORECASE)
 
 
-def _arguments_of(cls: type) -> list[str]:
-    """The ``__init__`` argument names of ``cls`` and of the bases its ``**kwargs`` pass to."""
-    names: list[str] = []
-    for klass in getattr(cls, "__mro__", [cls]):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
-
-
 def misspelt_option_hint(message: str, options: list[str]) -> str | None:
     """One line for a command-line option that nothing takes, with the closest names that exist, or None.
 
@@ -110,7 +97,7 @@ def misspelt_option_hint(message: str, options: list[str]) -> str | None:
         class_path, name = m.groups()
         module, _, cls_name = class_path.rpartition(".")
         try:
-            known = _arguments_of(getattr(import_module(module), cls_name))
+            known = list(init_parameters(getattr(import_module(module), cls_name)))
         except (ImportError, AttributeError, ValueError, TypeError):
             return None
         close = [repr(c) for c in get_close_matches(name, known, n=3, cutoff=0.6)]
@@ -375,7 +362,9 @@ class OctLightningCLI(LightningCLI):
         if cfg.get("overlay_every_n_epochs", 0) > 0:
             callbacks.append(LogOverlays(every_n_epochs=cfg["overlay_every_n_epochs"]))
         if cfg.get("early_stopping_patience") is not None and monitor:
-            callbacks.append(octlightning.callbacks.WarmupEarlyStopping(monitor, cfg["early_stopping_patience"]))
+            callbacks.append(
+                octlightning.callbacks.WarmupEarlyStopping(monitor, patience=cfg["early_stopping_patience"])
+            )
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
@@ -475,4 +464,3 @@ def argument_parser(**parser_kwargs: Any) -> LightningArgumentParser:
     except _ParserBuilt as built:
         return built.parser
     raise AssertionError("LightningCLI did not call parse_arguments")  # pragma: no cover
-

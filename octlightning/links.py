@@ -26,17 +26,28 @@ DATA_SUGGESTS = {"sliding_window": "patch_size"}
 _NOT_TAKEN = object()
 
 
-def _default(cls: type, name: str) -> Any:
-    """The default of argument ``name`` of ``cls`` (searching base classes for ``**kwargs`` pass-through):
-    ``inspect.Parameter.empty`` for a required argument, ``_NOT_TAKEN`` where no class takes it."""
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named ``__init__`` arguments of ``cls`` and of the base classes its ``**kwargs`` pass to (what
+    jsonargparse accepts for it), the subclass's first."""
+    found: dict[str, inspect.Parameter] = {}
     for klass in getattr(cls, "__mro__", [cls]):
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
-        parameter = inspect.signature(init).parameters.get(name)
-        if parameter is not None:
-            return parameter.default
-    return _NOT_TAKEN
+        params = list(inspect.signature(init).parameters.values())
+        for p in params[1:]:  # after self
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                found.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return found
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of argument ``name`` of ``cls`` (see :func:`init_parameters`): ``inspect.Parameter.empty``
+    for a required argument, ``_NOT_TAKEN`` where the class does not take it."""
+    parameter = init_parameters(cls).get(name)
+    return _NOT_TAKEN if parameter is None else parameter.default
 
 
 def link_data_to_model(node: Any, datamodule: Any, where: str = "model") -> None:
