@@ -20,7 +20,7 @@ def _last_val_row(metrics_csv):
 def test_ddp_validation_metrics_equal_a_single_process_computation(drive_root, tmp_path):
     common = [
         "--config", CONFIG, "--data.init_args.root", str(drive_root), *TINY_VESSEL,
-        "--trainer.default_root_dir", str(tmp_path), "--comet", "false", "--overlay_every_n_epochs", "0",
+        "--trainer.default_root_dir", str(tmp_path), "--comet", "false", "--overlay_every_n_epochs", "1",
         # 9 training images, 3 for validation: 2 ranks get 2 + 1, so a padding sampler would count one twice.
         "--data.init_args.val_fraction", "0.34", "--data.init_args.batch_size", "1",
         # Without batch norm every rank holds the same weights (SyncBatchNorm needs a GPU).
@@ -36,6 +36,8 @@ def test_ddp_validation_metrics_equal_a_single_process_computation(drive_root, t
     # Logging the training loss costs no collective call per step; its epoch mean is reduced once.
     assert [(ddp_dir / f"step_all_reduce_rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
     assert any(r.get("train/loss_epoch") for r in csv.DictReader(open(ddp_dir / "metrics.csv")))
+    # written by rank 0 alone, without a collective call the other rank never makes (it would hang)
+    assert list((ddp_dir / "overlays" / "epoch_000").glob("*.png"))
     ddp = _last_val_row(ddp_dir / "metrics.csv")
 
     run_octlightning([

@@ -23,22 +23,15 @@ class WarmupEarlyStopping(EarlyStopping):
     otherwise passes unnoticed (a network stuck at a constant prediction "improves" only once).
 
     Args:
-        monitor, patience: as for ``EarlyStopping`` (validations without improvement before stopping).
+        monitor: the logged metric, as for ``EarlyStopping``.
         mode: ``min``/``max``; ``None`` takes the task's ``monitor_mode`` (``min`` without one).
         warmup_epochs: epochs before patience counts.
-        **kwargs: further :class:`~lightning.pytorch.callbacks.EarlyStopping` arguments (``patience``, ...).
+        **kwargs: further :class:`~lightning.pytorch.callbacks.EarlyStopping` arguments (``patience``:
+            validations without improvement before stopping, ``min_delta``, ...), with its defaults.
     """
 
-    def __init__(
-        self,
-        monitor: str,
-        patience: int = 3,
-        *,
-        mode: str | None = None,
-        warmup_epochs: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(monitor=monitor, patience=patience, mode=mode or "min", **kwargs)
+    def __init__(self, monitor: str, *, mode: str | None = None, warmup_epochs: int | None = None, **kwargs: Any):
+        super().__init__(monitor=monitor, mode=mode or "min", **kwargs)
         self._mode_from_task = mode is None
         self.warmup_epochs = warmup_epochs
         self.best_epoch: int | None = None

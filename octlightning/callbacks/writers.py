@@ -14,6 +14,13 @@ from octlightning.data.formats.mirage import SemSegInfo, read_info
 from octlightning.visualize import save_png
 
 
+def run_folder(trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+    """The run folder to write into: the task's ``run_dir``, else the trainer's root (the CLI makes it the
+    run folder). Never ``trainer.log_dir``: it broadcasts from rank 0, so a writer that runs on rank 0
+    only would wait for the other ranks forever under DDP."""
+    return Path(getattr(pl_module, "run_dir", None) or trainer.default_root_dir)
+
+
 class LogOverlays(L.Callback):
     """Every ``every_n_epochs`` validation epochs, render the first validation batch as overlays.
 
@@ -33,7 +40,7 @@ class LogOverlays(L.Callback):
         if not hasattr(pl_module, "overlay_images"):
             return
         images = pl_module.overlay_images(batch, outputs)[: self.max_images]
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays" / f"epoch_{trainer.current_epoch:03d}"
+        folder = run_folder(trainer, pl_module) / "overlays" / f"epoch_{trainer.current_epoch:03d}"
         for name, image in images:
             save_png(image, folder / f"{name}.png")
             for logger in trainer.loggers:
@@ -118,8 +125,7 @@ class WriteVolumes(L.Callback):
         parts = self._slices.pop(volume)
         _, geometry = self._info.pop(volume)
         array = np.stack([parts[z] for z in sorted(parts)])
-        run_dir = getattr(pl_module, "run_dir", None) or Path(trainer.log_dir or trainer.default_root_dir)
-        path = Path(run_dir) / self.folder / volume / self.filename
+        path = run_folder(trainer, pl_module) / self.folder / volume / self.filename
         self.written.append(write_metaimage(array, path, geometry, compress=self.compress))
 
 
@@ -163,12 +169,12 @@ class WriteMiragePredictions(L.Callback):
         if not isinstance(outputs, dict) or "labels" not in outputs or self._info is None:
             return
         labels = outputs["labels"]
-        run_dir = getattr(pl_module, "run_dir", None) or Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = run_folder(trainer, pl_module)
         for i, sample_id in enumerate(batch["id"]):
             h, w = (int(v) for v in batch["size"][i]) if "size" in batch else labels.shape[-2:]
             name = str(batch["stem"][i]) if "stem" in batch else str(sample_id)
             values = self._info.to_values(labels[i, :h, :w].cpu().numpy())
-            path = Path(run_dir) / self.folder / f"{name}_pred.png"
+            path = run_dir / self.folder / f"{name}_pred.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(values).save(path)
             self.written.append(path)

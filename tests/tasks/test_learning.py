@@ -149,17 +149,17 @@ def _run(module: L.LightningModule, callbacks: list, epochs: int) -> L.Trainer:
 def test_early_stopping_counts_patience_after_warm_up_and_warns_when_the_first_epoch_is_best():
     from octlightning.callbacks import WarmupEarlyStopping
 
-    stop = WarmupEarlyStopping("val/metric", 1)  # mode and warm-up (2 epochs) from the module
+    stop = WarmupEarlyStopping("val/metric", patience=1)  # mode and warm-up (2 epochs) from the module
     with pytest.warns(UserWarning, match="first validated epoch"):
         trainer = _run(_Scripted([1.0] * 6, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), [stop], 6)
     # epochs 1 and 2 did not improve, but were warm-up: stopped at epoch 2 (patience 1 after warm-up)
     assert trainer.current_epoch == 3 and stop.best_epoch == 0 and stop.validations == 3
-    improving = WarmupEarlyStopping("val/metric", 1)
+    improving = WarmupEarlyStopping("val/metric", patience=1)
     trainer = _run(_Scripted([1.0] * 4, [4.0, 3.0, 2.0, 1.0]), [improving], 4)
     assert improving.best_epoch == 3 and trainer.current_epoch == 4
     maximise = _Scripted([1.0] * 2, [1.0, 2.0])
     maximise.monitor_mode = "max"
-    up = WarmupEarlyStopping("val/metric", 5)
+    up = WarmupEarlyStopping("val/metric", patience=5)
     _run(maximise, [up], 2)
     assert up.mode == "max" and up.best_epoch == 1
 
