@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
-from octlightning.callbacks import LastCheckpoint, LogOverlays
+from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays
 from octlightning.errors import ConfigError
 from octlightning.links import init_parameters, link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
@@ -365,6 +365,8 @@ class OctLightningCLI(LightningCLI):
             callbacks.append(
                 octlightning.callbacks.WarmupEarlyStopping(monitor, patience=cfg["early_stopping_patience"])
             )
+        if self.subcommand == "fit" and not any(isinstance(c, BeatConstantBaseline) for c in callbacks):
+            callbacks.append(BeatConstantBaseline())  # a run that learns nothing says so (every recipe)
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

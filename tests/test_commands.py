@@ -99,6 +99,8 @@ def test_a_loss_module_with_its_own_settings_comes_from_the_config(tmp_path, dri
          "--trainer.default_root_dir", str(tmp_path / "runs")]
     )  # fmt: skip
     assert type(cli.model.loss_fn).__name__ == "DiceLoss" and cli.model.loss_fn.smooth == 0.25
+    # every fit checks that the network beats a constant prediction, whatever the recipe lists
+    assert sum(type(c).__name__ == "BeatConstantBaseline" for c in cli.trainer.callbacks) == 1
 
 
 @pytest.mark.parametrize(

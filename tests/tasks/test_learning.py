@@ -165,20 +165,27 @@ def test_early_stopping_counts_patience_after_warm_up_and_warns_when_the_first_e
 
 
 def test_a_loss_that_never_beats_the_constant_prediction_warns():
-    from octlightning.callbacks import BeatConstantBaseline
-
-    with pytest.warns(UserWarning, match="not learning"):
-        check = BeatConstantBaseline(check_after_epochs=3)
-        _run(_Scripted([1.0, 0.95, 0.98, 0.97], [0.0] * 4, constant=1.0), [check], 4)
-    assert not check.beaten and len(check.epochs) == 4
-    learning = BeatConstantBaseline(check_after_epochs=3)
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
-        _run(_Scripted([1.0, 0.8, 0.5, 0.4], [0.0] * 4, constant=1.0), [learning], 4)
-    assert learning.beaten
+    from octlightning.callbacks import BeatConstantBaseline
+
+    stuck = [1.0, 0.95, 0.98, 0.97]  # two steps per epoch
+    with pytest.warns(UserWarning, match="not learning"):
+        check = BeatConstantBaseline(check_after_epochs=3, check_after_steps=6)
+        _run(_Scripted(stuck, [0.0] * 4, constant=1.0), [check], 4)
+    assert not check.beaten and len(check.epochs) == 4 and check.warned
+
+    def quiet(check: BeatConstantBaseline, losses: list[float]) -> BeatConstantBaseline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec).*")
+            _run(_Scripted(losses, [0.0] * len(losses), constant=1.0), [check], len(losses))
+        return check
+
+    assert quiet(BeatConstantBaseline(check_after_epochs=3, check_after_steps=6), [1.0, 0.8, 0.5, 0.4]).beaten
+    # A network from scratch starts above the constant: no verdict before check_after_steps (8 steps here).
+    early = quiet(BeatConstantBaseline(check_after_epochs=3, check_after_steps=100), stuck)
+    assert not early.beaten and not early.warned
 
 
 def test_freeze_backbone_leaves_a_random_encoder_trainable():
