@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor, nn
 
 
@@ -36,6 +37,8 @@ class BaseTask(L.LightningModule):
         optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9); fused kernels on CUDA.
         scheduler: ``none``, ``cosine`` (per step, after ``warmup_epochs`` linear warm-up),
             ``plateau`` (halve on a stalled monitored metric) or ``step`` (x0.1 every third of training).
+            ``cosine`` and ``step`` span ``max_epochs`` (or ``max_steps``), or with ``max_epochs: -1`` the
+            trainer's ``max_time`` (a time budget; see :meth:`schedule_span`).
         warmup_epochs: linear warm-up length for ``cosine``.
         channels_last: NHWC memory format for the network and its inputs when training on a GPU (what
             tensor cores want); leave it off for transformers, where it gains nothing. Not applied on the
@@ -145,23 +148,51 @@ class BaseTask(L.LightningModule):
         if self.scheduler_name == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=self.monitor_mode, factor=0.5, patience=5)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.scheduler_name not in ("step", "cosine"):
+            raise ValueError(f"unknown scheduler {self.scheduler_name!r}; choose none, cosine, plateau or step")
+        warmup, span = self.schedule_span()
         if self.scheduler_name == "step":
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, total // 3), gamma=0.1)
-        elif self.scheduler_name == "cosine":
-            epochs = max(1, self.trainer.max_epochs or 1)
-            warmup = min(total - 1, total * self.warmup_epochs // epochs)
+
+            def factor(step: int) -> float:
+                return 0.1 ** min(2, int(3 * span(step)))  # x0.1 after each third
+
+        else:
 
             def factor(step: int) -> float:
                 if step < warmup:
                     return (step + 1) / (warmup + 1)
-                progress = (step - warmup) / max(1, total - warmup)
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+                return 0.5 * (1 + math.cos(math.pi * span(step)))
 
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        else:
-            raise ValueError(f"unknown scheduler {self.scheduler_name!r}; choose none, cosine, plateau or step")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def schedule_span(self) -> tuple[int, Callable[[int], float]]:
+        """``(warm-up steps, span)``: ``span(step)`` is how far through training (after the warm-up) an
+        optimiser step is, in [0, 1], what the ``cosine`` and ``step`` schedules follow.
+
+        The training length is the trainer's ``max_steps``/``max_epochs``. A run given neither
+        (``max_epochs: -1``) but ``max_time`` is a time budget: the span is the share of ``max_time`` the
+        trainer's Timer has counted (resumed runs included), so the learning rate has decayed when the
+        budget ends, on a fast machine or a slow one; such a run is not step-for-step reproducible. The
+        warm-up (``cosine``: ``warmup_epochs`` of steps) counts steps in both cases.
+
+        Raises:
+            ValueError: no training length is set (``max_epochs: -1`` without ``max_steps`` or ``max_time``).
+        """
+        total = float(self.trainer.estimated_stepping_batches)  # also loads the training batches
+        steps_per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
+        warmup = self.warmup_epochs * steps_per_epoch if self.scheduler_name == "cosine" else 0
+        if math.isfinite(total):
+            warmup = min(warmup, max(0, int(total) - 1))
+            length = max(1.0, total - warmup)
+            return warmup, lambda step: min(1.0, max(0, step - warmup) / length)
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            raise ValueError(
+                f"scheduler {self.scheduler_name!r} needs a training length: trainer.max_epochs, max_steps or max_time"
+            )
+        budget = timer.time_elapsed() + timer.time_remaining()
+        return warmup, lambda step: min(1.0, timer.time_elapsed() / budget) if step >= warmup else 0.0
 
     # ----------------------------------------------------------------- logging
     def log_training(self, values: dict[str, Tensor], batch_size: int, prog_bar: str = "train/loss") -> None:
