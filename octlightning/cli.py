@@ -370,8 +370,8 @@ class OctLightningCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
-    def _set_up_data_first(self, stage: str) -> None:
-        """Run the DataModule's ``setup(stage)`` now, and make the trainer's own call a no-op.
+    def _set_up_data_first(self, first: str) -> None:
+        """Run the DataModule's ``setup(first)`` now, and make the trainer's own call a no-op.
 
         The data checks (missing, unreadable or unmatched files) raise DataError here, before the loggers
         create the run folder (or a test's ``<run>/test/``) and the Comet archive; the work is not done twice.
@@ -379,13 +379,13 @@ class OctLightningCLI(LightningCLI):
         datamodule = self.datamodule
         if datamodule is None or "setup" in vars(datamodule):
             return
-        datamodule.setup(stage)
+        datamodule.setup(first)
         original = type(datamodule).setup
 
-        def setup(called: str) -> None:
+        def setup(stage: str) -> None:  # Lightning passes stage= by name
             del datamodule.setup  # once: later stages (test after fit) set up as usual
-            if called != stage:
-                original(datamodule, called)
+            if stage != first:
+                original(datamodule, stage)
 
         datamodule.setup = setup
 

@@ -179,7 +179,9 @@ class BaseTask(L.LightningModule):
         Raises:
             ValueError: no training length is set (``max_epochs: -1`` without ``max_steps`` or ``max_time``).
         """
-        total = float(self.trainer.estimated_stepping_batches)  # also loads the training batches
+        total = float(self.trainer.estimated_stepping_batches)  # loads the training batches, unless max_epochs is -1
+        if not math.isfinite(self.trainer.num_training_batches):
+            self.trainer.fit_loop.setup_data()  # as estimated_stepping_batches does; needed for the warm-up
         steps_per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
         warmup = self.warmup_epochs * steps_per_epoch if self.scheduler_name == "cosine" else 0
         if math.isfinite(total):
