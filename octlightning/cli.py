@@ -5,6 +5,10 @@ links of :mod:`octlightning.links` applied before the model is built.
 ``runs/<experiment>/<version>/`` (``<experiment>`` defaults to the config file name). The model and
 the data are chosen by ``class_path`` in the config; every key can be overridden on the command line
 (``--model.init_args.lr 5e-5``). The console entry point is :mod:`octlightning.commands`.
+
+One job, past 400 lines: the hooks of one LightningCLI subclass (run folder, loggers, the callbacks
+every run gets, resumption) read each other's state; the data links (:mod:`octlightning.links`) and the
+parser's messages (:mod:`octlightning.parser`) live apart.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays
 from octlightning.errors import ConfigError
-from octlightning.links import init_parameters, link_data_to_model
+from octlightning.links import link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
+from octlightning.parser import OctArgumentParser
 
 RUN_DIR_ENV = "OCTLIGHTNING_RUN_DIR"
 # Where test and predict of a run's own checkpoint write inside that run's folder (see stage_dir).
@@ -78,53 +83,6 @@ def default_precision() -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
-
-
-# jsonargparse's message for a key the chosen class does not take (``--model.init_args.lrr 1e-3``).
-_NOT_ACCEPTED = re.compile(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted")
-_UNRECOGNIZED = re.compile(r"unrecognized arguments:\s+(--[\w.]+)", re.IGNORECASE)
-
-
-def misspelt_option_hint(message: str, options: list[str]) -> str | None:
-    """One line for a command-line option that nothing takes, with the closest names that exist, or None.
-
-    Covers an argument the configured class does not take (``--model.init_args.lrr``: the class's own
-    arguments are searched) and an unknown option (``--trainer.max_epoch``: ``options`` are searched).
-    """
-    from difflib import get_close_matches
-
-    if m := _NOT_ACCEPTED.search(message):
-        class_path, name = m.groups()
-        module, _, cls_name = class_path.rpartition(".")
-        try:
-            known = list(init_parameters(getattr(import_module(module), cls_name)))
-        except (ImportError, AttributeError, ValueError, TypeError):
-            return None
-        close = [repr(c) for c in get_close_matches(name, known, n=3, cutoff=0.6)]
-        return f"{cls_name} takes no argument {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-    if m := _UNRECOGNIZED.search(message):
-        option = m.group(1)
-        close = get_close_matches(option, options, n=3, cutoff=0.8)
-        return f"unknown option {option}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-    return None
-
-
-class OctArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, answering a misspelt option with one line and the names that exist.
-
-    jsonargparse answers ``--model.init_args.lrr 1e-3`` with the whole usage (about 70 lines) and every
-    Union member it tried; here it is ``error: SegmentationTask takes no argument 'lrr'; did you mean
-    'lr'?`` (exit status 2, as argparse). Abbreviated options are refused (see
-    :class:`OctLightningCLI`), so a typo never silently sets another option. Other errors are unchanged.
-    """
-
-    def error(self, message: str, ex: Exception | None = None):
-        hint = misspelt_option_hint(message, list(self._option_string_actions))
-        if hint is not None and self.exit_on_error:
-            prog = self.prog.replace(" [options]", "")
-            sys.stderr.write(f"error: {hint}\ntip: {prog} --help lists the options; --print_config shows the config\n")
-            self.exit(2)
-        super().error(f"{hint}\n{message}" if hint else message, ex)
 
 
 class OctLightningCLI(LightningCLI):

@@ -1,0 +1,57 @@
+"""The command-line parser of :class:`~octlightning.cli.OctLightningCLI`: LightningCLI's, with a one-line
+answer to a misspelt option (the names that exist) instead of the whole usage."""
+
+from __future__ import annotations
+
+import re
+import sys
+from difflib import get_close_matches
+from importlib import import_module
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+from octlightning.links import init_parameters
+
+# jsonargparse's message for a key the chosen class does not take (``--model.init_args.lrr 1e-3``).
+_NOT_ACCEPTED = re.compile(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments:\s+(--[\w.]+)", re.IGNORECASE)
+
+
+def misspelt_option_hint(message: str, options: list[str]) -> str | None:
+    """One line for a command-line option that nothing takes, with the closest names that exist, or None.
+
+    Covers an argument the configured class does not take (``--model.init_args.lrr``: the class's own
+    arguments are searched) and an unknown option (``--trainer.max_epoch``: ``options`` are searched).
+    """
+    if m := _NOT_ACCEPTED.search(message):
+        class_path, name = m.groups()
+        module, _, cls_name = class_path.rpartition(".")
+        try:
+            known = list(init_parameters(getattr(import_module(module), cls_name)))
+        except (ImportError, AttributeError, ValueError, TypeError):
+            return None
+        close = [repr(c) for c in get_close_matches(name, known, n=3, cutoff=0.6)]
+        return f"{cls_name} takes no argument {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+    if m := _UNRECOGNIZED.search(message):
+        option = m.group(1)
+        close = get_close_matches(option, options, n=3, cutoff=0.8)
+        return f"unknown option {option}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+    return None
+
+
+class OctArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, answering a misspelt option with one line and the names that exist.
+
+    jsonargparse answers ``--model.init_args.lrr 1e-3`` with the whole usage (about 70 lines) and every
+    Union member it tried; here it is ``error: SegmentationTask takes no argument 'lrr'; did you mean
+    'lr'?`` (exit status 2, as argparse). Abbreviated options are refused (see
+    :class:`OctLightningCLI`), so a typo never silently sets another option. Other errors are unchanged.
+    """
+
+    def error(self, message: str, ex: Exception | None = None):
+        hint = misspelt_option_hint(message, list(self._option_string_actions))
+        if hint is not None and self.exit_on_error:
+            prog = self.prog.replace(" [options]", "")
+            sys.stderr.write(f"error: {hint}\ntip: {prog} --help lists the options; --print_config shows the config\n")
+            self.exit(2)
+        super().error(f"{hint}\n{message}" if hint else message, ex)
