@@ -14,7 +14,7 @@ returns what finished. Parts, in this order:
              peak GPU memory, and the loader-only images/s; merged into one table
     oct      ``hparams/oct_segformer.json`` on the Duke DME file for a fixed wall-clock budget: validation
              MAE per boundary in px and um over time
-    vessel   ``hparams/vessel_unet.json`` on DRIVE (the published batch 4, lr 1e-4, bf16 on a GPU) for the
+    vessel   ``hparams/vessel_unet.json`` on DRIVE (the published batch 4, lr 1e-3, bf16 on a GPU) for the
              time left, up to about 3 minutes (``trainer.max_time``): validation Dice (= F1) and AUROC
              over time, images/s and the per-epoch overhead (steps / validation / the rest)
 

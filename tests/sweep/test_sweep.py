@@ -334,5 +334,5 @@ def test_experiment_sweep_files_expand_and_parse():
         validate(sweep, slurm_hardware(sweep))
     vessel = load_sweep(REPO / "experiments" / "vessel_lr_batch.json")
     combos = {(r.overrides["model.init_args.lr"], r.overrides["data.init_args.batch_size"]) for r in vessel.runs}
-    assert combos == {(1e-4, 4), (1e-4, 16), (5e-5, 4), (5e-5, 16)}
+    assert combos == {(1e-3, 4), (1e-3, 16), (1e-4, 4), (1e-4, 16)}
     assert {r.overrides["trainer.max_epochs"] for r in vessel.runs} == {100, 500, 1000}

@@ -8,24 +8,27 @@ must fall well below that of the best constant prediction on the same batch
 (:func:`octlightning.callbacks.constant_prediction_loss`: each boundary's mean row for layer
 regression, the class frequencies for segmentation).
 
-Shrunk for a 2-core CPU (and only there): inputs are small (stated per recipe). No timing is
-asserted. Not covered yet: the vessel, RETOUCH and foundation recipes. Nor does this test tell the
-seed's pooling OCT head apart: on one 64 px batch it memorises too (loss 1.46 against the constant's
-5.98 after 30 steps), although trained on the Duke DME file it stayed at the mean rows (issue 18).
+Shrunk for a 2-core CPU (and only there): inputs are small and step counts differ (stated per recipe).
+No timing is asserted. The OCT recipes get a stricter test, since one batch cannot tell the seed's
+pooling head apart (it memorises 8 B-scans to 0.5 px): what they learn must carry to B-scans of a
+subject never trained on, which the seed's head fails.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 
 from octlightning.callbacks import constant_prediction_loss
 from octlightning.cli import link_data_to_model
+from octlightning.conversion.h5_to_mirage import convert_h5
 from tests.conftest import REPO, shared
 
 STEPS = 60
@@ -59,6 +62,7 @@ def fixed_batch(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     dm = instantiate(spec)
     link_data_to_model(cfg["model"], dm)
     dm.setup("fit")
+    L.seed_everything(0)  # the same patches every run
     return next(iter(dm.train_dataloader()))
 
 
@@ -76,28 +80,73 @@ def fit_fixed_batch(cfg: dict[str, Any], batch: dict[str, Any], steps: int = STE
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return constant, losses[0], min(losses[-5:])
 
 
-def oct_batch(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Four Duke DME B-scans (ILM, BM) at 64 x 64 px."""
-    root = shared("duke_dme/duke_dme_trainval.h5")
-    return fixed_batch(cfg, {"root": str(root), "image_size": 64, "output_width": 64, "batch_size": 4})
-
-
-def assert_learns(constant: float, first: float, last: float) -> None:
+def assert_learns(constant: float, first: float, last: float, steps: int = STEPS) -> None:
     assert last < RATIO * constant, (
-        f"loss after {STEPS} steps {last:.4g} (first {first:.4g}) is not below {RATIO} x the constant "
+        f"loss after {steps} steps {last:.4g} (first {first:.4g}) is not below {RATIO} x the constant "
         f"prediction's {constant:.4g}"
     )
 
 
+# The seed's OCT defaults: a head that averages the feature height away, MSE on the rows, lr 1e-4.
+SEED_OCT = {"model": {"loss": "mse", "lr": 1e-4}, "net": {"head": "pool"}}
+
+
+def oct_held_out_ratio(cfg: dict[str, Any], size: int = 128, steps: int = 100) -> tuple[float, float]:
+    """Fit the task to 8 B-scans of the training subjects (ILM, BM at ``size`` px) for ``steps`` steps.
+
+    Returns its mean absolute boundary error (input pixels) on those B-scans, and its error on 8 B-scans
+    of the validation subject divided by that of the training B-scans' mean row per boundary there.
+    """
+    root = str(shared("duke_dme/duke_dme_trainval.h5"))
+    spec = json.loads(json.dumps(cfg["data"]))
+    spec["init_args"].update({"root": root, "image_size": size, "output_width": size, "batch_size": 8,
+                              "num_workers": 0, "augment": False})  # fmt: skip
+    dm = instantiate(spec)
+    link_data_to_model(cfg["model"], dm)
+    dm.setup("fit")
+    train = next(iter(dm.train_dataloader()))
+    unseen = next(iter(torch.utils.data.DataLoader(dm.val_set, batch_size=8)))
+    L.seed_everything(0)
+    task = instantiate(cfg["model"])
+    task.train()
+    opt = task.build_optimizer(task.parameter_groups())
+    for _ in range(steps):
+        loss = task._step(train)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    task.eval()
+
+    def mae(rows: torch.Tensor, batch: dict[str, Any]) -> float:
+        return float((rows - batch["coords"]).abs()[batch["valid"].bool()].mean())
+
+    with torch.no_grad():
+        mean_rows = torch.nanmean(torch.where(train["valid"].bool(), train["coords"], torch.nan), dim=(0, 2))
+        constant = mae(mean_rows.view(1, -1, 1).expand_as(unseen["coords"]), unseen)
+        fitted = mae(task.predict_rows(train["image"])[0], train)
+        return fitted, mae(task.predict_rows(unseen["image"])[0], unseen) / constant
+
+
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["oct_segformer", "oct_unet"])
-def test_oct_recipes_learn_one_batch(name):
-    cfg = recipe(name)
-    assert_learns(*fit_fixed_batch(cfg, oct_batch(cfg)))
+def test_oct_recipes_learn_what_carries_to_an_unseen_subject(name):
+    """Stricter than one batch: after 100 steps on 8 B-scans, the error on B-scans of a subject never
+    trained on must fall below half that of the training mean rows (measured: SegFormer 0.26, U-Net 0.38)."""
+    _, held_out = oct_held_out_ratio(recipe(name))
+    assert held_out < RATIO, f"{name}: the error on an unseen subject is {held_out:.2f} x that of the mean rows"
+
+
+@pytest.mark.realdata
+def test_the_seeds_pooling_head_memorises_the_batch_but_fails_the_unseen_subject():
+    """The seed's defaults fail the test above (issue 18): the batch is learnt (measured 0.5 px), the
+    unseen subject not (1.2 x the mean rows' error): pooling the feature height away loses where along the
+    column a feature was, and what is left is memorised."""
+    fitted, held_out = oct_held_out_ratio(recipe("oct_segformer", **SEED_OCT))
+    assert fitted < 1.0 and held_out > RATIO, (fitted, held_out)
 
 
 @pytest.mark.realdata
@@ -105,6 +154,49 @@ def test_isic_recipe_learns_one_batch():
     cfg = recipe("isic_deeplabv3plus")
     batch = fixed_batch(cfg, {"root": str(shared("ph2_isic")), "image_size": [64, 64], "batch_size": 2})
     assert_learns(*fit_fixed_batch(cfg, batch))
+
+
+@pytest.mark.realdata
+def test_vessel_recipe_learns_one_batch():
+    """Four 64 px DRIVE crops (the recipe trains on whole images; crops keep the CPU step short). At the
+    recipe's former lr 1e-4 this took 300 steps to reach 0.61 x the constant's loss (the output starts at
+    p = 0.5 for 9 % vessel pixels); at 1e-3, 0.35 after 100."""
+    cfg = recipe("vessel_unet")
+    batch = fixed_batch(cfg, {"root": str(shared("drive")), "patch_size": 64, "batch_size": 4})
+    assert_learns(*fit_fixed_batch(cfg, batch, 100), steps=100)
+
+
+@pytest.mark.realdata
+def test_retouch_recipe_learns_one_batch():
+    """Four 64 x 64 px patches (half centred on fluid, the recipe's sampler) of the shared RETOUCH-layout
+    cases, preprocessed as the recipe does (histogram matching, median filter, ROI)."""
+    cfg = recipe("retouch_unet")
+    data = {"root": str(shared("retouch_like")), "vendor": "Spectralis", "val_fraction": 0.5, "test_fraction": 0.0,
+            "patch_size": [64, 64], "batch_size": 4, "patches_per_epoch": 4}  # fmt: skip
+    # 500 steps: the shared cases hold IRF only, and the Dice of the absent SRF and PED (smooth 1) reaches
+    # 0 only once their probabilities are near 0 everywhere (0.63 x the constant's loss after 200 steps).
+    assert_learns(*fit_fixed_batch(cfg, fixed_batch(cfg, data), 500), steps=500)
+
+
+def quarter_size(root: Path) -> Path:
+    """Shrink every B-scan (bilinear) and class map (nearest: INFO.json values stay valid) of a MIRAGE
+    layout to a quarter of its height and width, in place."""
+    for png in root.glob("*/*/*.png"):
+        image = Image.open(png)
+        resample = Image.Resampling.NEAREST if png.parent.name == "semseg" else Image.Resampling.BILINEAR
+        image.resize((image.width // 4, image.height // 4), resample).save(png)
+    return root
+
+
+@pytest.mark.realdata
+def test_foundation_recipe_learns_one_batch(tmp_path):
+    """Two Duke DME B-scans in the MIRAGE layout (``octlightning convert``: 9 layers + fluid), at a
+    quarter size (124 x 192 px) for the CPU, fed to the ViT at 256 px instead of 1024 px. No MIRAGE
+    weights exist offline: the recipe's frozen ViT-B stays random, and its decoder must fit alone."""
+    root = quarter_size(convert_h5(shared("duke_dme/duke_dme_trainval.h5"), tmp_path / "duke", subjects=[1, 2, 3]))
+    cfg = recipe("duke_dme_foundation", net={"weights": None, "img_size": 256})
+    batch = fixed_batch(cfg, {"root": str(root), "batch_size": 2})
+    assert_learns(*fit_fixed_batch(cfg, batch, 150), steps=150)  # 0.37 x the constant's loss after 120
 
 
 # ----------------------------------------------------------------------------- the callbacks behind the defaults
