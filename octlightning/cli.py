@@ -212,7 +212,7 @@ class OctLightningCLI(LightningCLI):
                     f"--version (and --experiment), or give --ckpt_path the checkpoint file"
                 )
             self._set_ckpt_path(str(last))
-        elif not version and not cfg.get("experiment") and self.subcommand in STAGE_FOLDERS:
+        elif not self._names_another_run() and self.subcommand in STAGE_FOLDERS:
             owner = checkpoint_run_dir(ckpt_path)
             # A checkpoint from under another runs root (--trainer.default_root_dir) is not "this" run.
             if owner is not None and owner.parent.parent.resolve() == root.resolve():
@@ -220,6 +220,18 @@ class OctLightningCLI(LightningCLI):
         version = version or next_version(root / name)
         os.environ[RUN_DIR_ENV] = str(root / name / version)
         return root, name, version
+
+    def _names_another_run(self) -> bool:
+        """Whether ``--version``/``--experiment`` name a run folder other than the checkpoint's own.
+
+        A run's saved ``config.yaml`` holds its ``experiment``: testing with it and the run's checkpoint
+        names no other run, and the results go inside that run like those of the recipe's hparams file.
+        """
+        cfg = self._cfg()
+        if cfg.get("version"):
+            return True
+        owner = checkpoint_run_dir(cfg.get("ckpt_path"))
+        return bool(cfg.get("experiment")) and (owner is None or cfg.get("experiment") != owner.parent.name)
 
     def _set_ckpt_path(self, path: str) -> None:
         """Replace the command's ``--ckpt_path`` (a shorthand such as ``last``) by the file it means."""
@@ -238,8 +250,7 @@ class OctLightningCLI(LightningCLI):
         """
         cfg = self._cfg()
         folder = STAGE_FOLDERS.get(self.subcommand or "")
-        named = cfg.get("version") or cfg.get("experiment")
-        if folder is None or named or checkpoint_run_dir(cfg.get("ckpt_path")) != run_dir:
+        if folder is None or self._names_another_run() or checkpoint_run_dir(cfg.get("ckpt_path")) != run_dir:
             return run_dir, run_dir
         if self.subcommand == "predict":
             return run_dir, run_dir / folder

@@ -63,6 +63,15 @@ def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, driv
     assert f"octlightning: predict: predictions in {out}" in capsys.readouterr().err  # which version folder
 
 
+def test_the_runs_own_config_yaml_tests_into_that_run(fitted, drive_root):
+    """config.yaml stores the run's experiment: it names the checkpoint's own run, not a new version."""
+    cli = run_cli(["test", "--config", str(fitted / "config.yaml"), "--comet", "false",
+                   "--experiment", fitted.parent.name,  # what a run started with --experiment saves
+                   "--ckpt_path", str(fitted / "checkpoints" / "best.ckpt")])  # fmt: skip
+    assert Path(cli.trainer.default_root_dir) == fitted / "test"
+    assert sorted(p.name for p in fitted.parent.iterdir()) == ["version_0"]
+
+
 def test_a_named_version_still_decides_where_test_writes(fitted, drive_root):
     runs = fitted.parent.parent
     cli = run_cli(_args("test", drive_root, runs, "--ckpt_path", str(fitted / "checkpoints" / "best.ckpt"),

@@ -67,7 +67,11 @@ class LastCheckpoint(ModelCheckpoint):
         from lightning.pytorch.trainer.states import TrainerFn
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+        # A SIGTERM to the process group (timeout, Ctrl-C's terminal, scancel) also kills the loader
+        # workers, and the main process may see their death (a RuntimeError) before its own
+        # SIGTERMException; Lightning's handler has set received_sigterm either way.
+        sigterm = isinstance(exception, SIGTERMException) or getattr(trainer, "received_sigterm", False)
+        if not sigterm or trainer.state.fn != TrainerFn.FITTING:
             return
         if self.dirpath is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -67,7 +68,8 @@ def test_null_precision_resolves_to_full_precision_on_cpu(cpu_fit):
     assert default_precision() == "32-true"  # bf16-mixed only on a bf16-capable GPU
     assert cpu_fit.trainer.precision == "32-true"
     opt = cpu_fit.trainer.optimizers[0]
-    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-4
+    recipe = json.loads((REPO / "hparams" / "vessel_unet.json").read_text())["model"]["init_args"]
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == recipe["lr"]
 
 
 def test_channels_last_is_not_applied_when_training_on_the_cpu(cpu_fit):
