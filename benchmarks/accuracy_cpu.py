@@ -1,10 +1,15 @@
 """Accuracy on unseen data after a fixed CPU time budget, per recipe: does a change still learn?
 
 For each recipe, ``octlightning fit`` runs with the recipe's hparams file as a user runs it, on the
-shared data (../shared/data), on the CPU, stopped by ``trainer.max_time``; then ``octlightning test``
+shared data (../shared/data), on the CPU, for a time budget (``trainer.max_time`` with ``max_epochs: -1``:
+a cosine learning-rate schedule then spans the budget, see ``BaseTask.schedule_span``, and has decayed
+when it ends, whatever the machine's speed; early stopping may end a run sooner); then ``octlightning test``
 scores its ``best.ckpt`` (chosen on the validation split) on the test split. Both splits are unseen in
-training: subject-wise for the OCT layer recipes (Duke DME subjects), image-wise for the others. Only
-CPU-sizing overrides are applied (listed per recipe below). Prints a markdown table (budget, wall time,
+training: subject-wise for the OCT recipes (Duke DME subjects), image-wise for the others. Only
+CPU-sizing overrides are applied (listed per recipe below). The RETOUCH and foundation recipes read the
+shared Duke DME file written in their layouts into ``<out>/data`` (subjects 1-8 as RETOUCH cases; the
+MIRAGE layout split by subject); without MIRAGE weights offline, the foundation row's frozen encoder is
+random (``--foundation-weights FILE`` runs the real recipe). Prints a markdown table (budget, wall time,
 epochs/steps, validation and test figures) and writes it to ``runs/accuracy-cpu/accuracy-cpu-<date>.md``.
 
     python benchmarks/accuracy_cpu.py                         # every recipe whose data is present
@@ -26,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,21 +47,65 @@ class Recipe:
     minutes: float
     metrics: list[str]  # logged metric names (without the val/ or test/ prefix) shown in the table
     args: list[str] = field(default_factory=list)  # CPU-sizing overrides
+    # writes the recipe's layout from the shared data into a folder and returns the dataset root
+    prepare: Callable[[Path, Path], Path] | None = None
+    monitor: str = "val/dice"
+
+
+def retouch_cases(shared_file: Path, out: Path) -> Path:
+    """Duke DME subjects 1-8 of the shared HDF5 as RETOUCH cases in the challenge's Spectralis folder
+    (``oct.mhd`` + ``reference.mhd``, fluid as IRF), as ../shared/data/retouch_like holds subjects 1, 2: eight cases
+    give the recipe's vendor-stratified split (per vendor 20 % validation, 20 % test) whole cases."""
+    import h5py
+
+    from octlightning.data.formats.metaimage import Geometry, write_metaimage
+
+    root = out / "retouch_duke"
+    with h5py.File(shared_file, "r") as f:
+        subject, images, fluid = f["subject"][:], f["images"], f["fluid_masks"]
+        for s in sorted(set(subject.tolist())):
+            case = root / "RETOUCH-TrainingSet-Spectralis" / f"TRAIN_DUKE{s:02d}"  # the challenge's folders
+            if (case / "reference.mhd").is_file():
+                continue
+            index = sorted(int(i) for i in (subject == s).nonzero()[0])
+            geometry = Geometry(spacing=(0.01133, 0.00387, 0.492))  # mm, as in retouch_like (DATA.md)
+            write_metaimage(images[index], case / "oct.mhd", geometry, compress=True)
+            write_metaimage((fluid[index] > 0).astype("uint8"), case / "reference.mhd", geometry, compress=True)
+    return root
+
+
+def mirage_layout(shared_file: Path, out: Path) -> Path:
+    """The shared HDF5 in the MIRAGE layout (``octlightning convert h5-to-mirage``), split by subject."""
+    from octlightning.conversion.h5_to_mirage import convert_h5
+
+    root = out / "duke_dme_semseg"
+    if (root / "INFO.json").is_file():
+        return root
+    return convert_h5(shared_file, root, val_fraction=0.125, test_fraction=0.125)
 
 
 # the network's output width follows the data's (the CLI links it)
 OCT_ARGS = ["--data.init_args.image_size", "256", "--data.init_args.output_width", "256"]
 RECIPES = [
     Recipe("oct_segformer", "hparams/oct_segformer.json", "duke_dme/duke_dme_trainval.h5", 20,
-           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
+           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
     Recipe("oct_unet", "hparams/oct_unet.json", "duke_dme/duke_dme_trainval.h5", 20,
-           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
+           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
     Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 2, ["dice", "iou"],
            ["--data.init_args.batch_size", "8"]),
     Recipe("vessel_unet", "hparams/vessel_unet.json", "drive", 20, ["dice", "auroc"],
-           ["--model.init_args.lr", "1e-3", "--model.init_args.net.init_args.base_channels", "16",
+           ["--model.init_args.net.init_args.base_channels", "16",
             "--data.init_args.patch_size", "128", "--data.init_args.patches_per_image", "4",
             "--data.init_args.batch_size", "8"]),
+    Recipe("retouch_unet", "hparams/retouch_unet.json", "duke_dme/duke_dme_trainval.h5", 10, ["dice_IRF"],
+           ["--data.init_args.patches_per_epoch", "256", "--data.init_args.batch_size", "16"],
+           prepare=retouch_cases, monitor="val/dice"),
+    # No MIRAGE weights offline: the frozen ViT-B stays random, so this row checks that the pipeline and
+    # decoder learn, not the foundation model; give --foundation-weights for the real recipe.
+    Recipe("duke_dme_foundation", "hparams/duke_dme_foundation.json", "duke_dme/duke_dme_trainval.h5", 10,
+           ["dice", "hd95"],
+           ["--model.init_args.net.init_args.img_size", "512", "--trainer.check_val_every_n_epoch", "2"],
+           prepare=mirage_layout),
 ]  # fmt: skip
 
 
@@ -69,20 +119,24 @@ def run(cmd: list[str], log: Path) -> float:
     return time.monotonic() - start
 
 
-def common_args(recipe: Recipe, shared: Path, root: Path) -> list[str]:
-    return ["--config", recipe.config, "--data.init_args.root", str(shared / recipe.data),
+def common_args(recipe: Recipe, data_root: Path, root: Path, weights: str | None) -> list[str]:
+    args = ["--config", recipe.config, "--data.init_args.root", str(data_root),
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", str(root),
             "--comet", "false", "--trainer.enable_progress_bar", "false", "--experiment", recipe.name,
-            *recipe.args]  # fmt: skip
+            "--trainer.max_epochs", "-1", *recipe.args]  # fmt: skip
+    if "foundation" in recipe.name:
+        args += ["--model.init_args.net.init_args.weights", weights or "null"]
+    return args
 
 
-def fit_and_test(recipe: Recipe, shared: Path, root: Path) -> None:
+def fit_and_test(recipe: Recipe, shared: Path, root: Path, weights: str | None = None) -> None:
     """``fit`` within the budget into ``<root>/<name>/fit``, then ``test`` its best.ckpt into ``.../test``."""
     folder = root / recipe.name
     folder.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "octlightning"]
     budget = f"00:00:{int(recipe.minutes):02d}:{int(round(recipe.minutes % 1 * 60)):02d}"
-    args = common_args(recipe, shared, root)
+    data_root = recipe.prepare(shared / recipe.data, root / "data") if recipe.prepare else shared / recipe.data
+    args = common_args(recipe, data_root, root, weights)
     wall = run([*base, "fit", *args, "--version", "fit", "--trainer.max_time", budget], folder / "fit.log")
     (folder / "fit" / "wall.json").write_text(json.dumps({"wall_s": wall, "budget_min": recipe.minutes}))
     best = folder / "fit" / "checkpoints" / "best.ckpt"
@@ -97,7 +151,7 @@ def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
     """One table row from ``<root>/<name>/{fit,test}``."""
     fit, test = root / recipe.name / "fit", root / recipe.name / "test"
     rows = read_metrics(fit / "metrics.csv")
-    monitor = "val/mae_px" if recipe.name.startswith("oct") else "val/dice"
+    monitor = recipe.monitor
     better = min if monitor.endswith("mae_px") else max
     val = [r for r in rows if r.get(monitor)]
     best = better(val, key=lambda r: float(r[monitor])) if val else {}
@@ -137,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "runs" / "accuracy-cpu"))
     parser.add_argument("--shared-data", default=str(SHARED_DATA))
     parser.add_argument("--report", default=None, help="tabulate the runs in this folder without training")
+    parser.add_argument("--foundation-weights", default=None, help="local MIRAGE encoder weights (default: random)")
     args = parser.parse_args(argv)
     chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
     root = Path(args.report or args.out).resolve()
@@ -148,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
                 continue
             print(f"accuracy-cpu: {recipe.name}: fit for {recipe.minutes:g} min, then test", flush=True)
-            fit_and_test(recipe, shared, root)
+            fit_and_test(recipe, shared, root, args.foundation_weights)
         if (root / recipe.name / "fit").is_dir():
             rows.append(summarise(recipe, root))
     text = (
