@@ -67,10 +67,14 @@ class LastCheckpoint(ModelCheckpoint):
         from lightning.pytorch.trainer.states import TrainerFn
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        # A SIGTERM to the process group (timeout, Ctrl-C's terminal, scancel) also kills the loader
-        # workers, and the main process may see their death (a RuntimeError) before its own
-        # SIGTERMException; Lightning's handler has set received_sigterm either way.
-        sigterm = isinstance(exception, SIGTERMException) or getattr(trainer, "received_sigterm", False)
+        # A SIGTERM to the process group (timeout, a terminal's Ctrl-C, scancel) also kills the loader
+        # workers, and the main process may raise their death (torch's RuntimeError "DataLoader worker
+        # ... is killed by signal: Terminated") before its own handler has run.
+        sigterm = (
+            isinstance(exception, SIGTERMException)
+            or getattr(trainer, "received_sigterm", False)
+            or "killed by signal: Terminated" in str(exception)
+        )
         if not sigterm or trainer.state.fn != TrainerFn.FITTING:
             return
         if self.dirpath is None:
