@@ -91,7 +91,7 @@ RECIPES = [
            ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
     Recipe("oct_unet", "hparams/oct_unet.json", "duke_dme/duke_dme_trainval.h5", 20,
            ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
-    Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 2, ["dice", "iou"],
+    Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 5, ["dice", "iou"],
            ["--data.init_args.batch_size", "8"]),
     Recipe("vessel_unet", "hparams/vessel_unet.json", "drive", 20, ["dice", "auroc"],
            ["--model.init_args.net.init_args.base_channels", "16",
