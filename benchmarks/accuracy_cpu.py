@@ -140,7 +140,10 @@ def fit_and_test(recipe: Recipe, shared: Path, root: Path, weights: str | None =
     wall = run([*base, "fit", *args, "--version", "fit", "--trainer.max_time", budget], folder / "fit.log")
     (folder / "fit" / "wall.json").write_text(json.dumps({"wall_s": wall, "budget_min": recipe.minutes}))
     best = folder / "fit" / "checkpoints" / "best.ckpt"
-    run([*base, "test", *args, "--version", "test", "--ckpt_path", str(best)], folder / "test.log")
+    try:  # the shared DRIVE set has no test split (its test images are held back): validation only
+        run([*base, "test", *args, "--version", "test", "--ckpt_path", str(best)], folder / "test.log")
+    except RuntimeError as err:
+        print(f"accuracy-cpu: {recipe.name}: no test figures ({err})", flush=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
