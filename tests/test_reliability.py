@@ -135,7 +135,8 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_like_an_uninterrupted_run(dr
 def test_sigterm_saves_a_checkpoint_before_exiting(drive_root, tmp_path):
     """The signal goes to the process group, as timeout, a terminal's Ctrl-C or scancel send it. Not
     covered here: the same with a loader worker (the worker dies too and its death can reach the main
-    process first); LastCheckpoint saves then as well, but one run in four still lost the race here."""
+    process first); LastCheckpoint saves then as well, but one of four repeats of this test with and
+    without a worker failed (which one was not captured), so that case stays out until understood."""
     run = tmp_path / "vessel_unet" / "term"
     proc = _start(_fit_args(drive_root, tmp_path, "term", 50))
     _wait_for(run / "checkpoints" / "last.ckpt", proc)
