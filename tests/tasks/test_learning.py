@@ -54,26 +54,30 @@ def recipe(name: str, model: dict[str, Any] | None = None, net: dict[str, Any] |
     return cfg
 
 
-def fixed_batch(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """One training batch of the recipe's DataModule on ``data`` overrides, augmentation off; the
-    model config then gets what the data determines, as the CLI gives it (channels, classes, ...)."""
+def recipe_data(cfg: dict[str, Any], data: dict[str, Any]) -> Any:
+    """The recipe's DataModule on ``data`` overrides, augmentation off, set up for fit; the model config
+    then gets what the data determines, as the CLI gives it (channels, classes, ...)."""
     spec = json.loads(json.dumps(cfg["data"]))
     spec["init_args"].update({"num_workers": 0, "augment": False, **data})
     dm = instantiate(spec)
     link_data_to_model(cfg["model"], dm)
     dm.setup("fit")
+    return dm
+
+
+def fixed_batch(cfg: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """One training batch of :func:`recipe_data`."""
+    dm = recipe_data(cfg, data)
     L.seed_everything(0)  # the same patches every run
     return next(iter(dm.train_dataloader()))
 
 
-def fit_fixed_batch(cfg: dict[str, Any], batch: dict[str, Any], steps: int = STEPS) -> tuple[float, float, float]:
-    """(constant-prediction loss, first loss, last loss) of the recipe's task fitted to ``batch``."""
+def train_on(cfg: dict[str, Any], batch: dict[str, Any], steps: int) -> tuple[Any, list[float]]:
+    """The recipe's task, seeded, after ``steps`` optimiser steps on ``batch``, and its losses."""
     L.seed_everything(0)
     task = instantiate(cfg["model"])
     task.train()
     opt = task.build_optimizer(task.parameter_groups())
-    with torch.no_grad():
-        constant = float(constant_prediction_loss(task, batch))
     losses = []
     for _ in range(steps):
         loss = task._step(batch)[1]
@@ -81,6 +85,14 @@ def fit_fixed_batch(cfg: dict[str, Any], batch: dict[str, Any], steps: int = STE
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    return task, losses
+
+
+def fit_fixed_batch(cfg: dict[str, Any], batch: dict[str, Any], steps: int = STEPS) -> tuple[float, float, float]:
+    """(constant-prediction loss, first loss, last loss) of the recipe's task fitted to ``batch``."""
+    task, losses = train_on(cfg, batch, steps)
+    with torch.no_grad():  # depends on the task's loss and the batch, not on its weights
+        constant = float(constant_prediction_loss(task, batch))
     return constant, losses[0], min(losses[-5:])
 
 
@@ -102,23 +114,10 @@ def oct_held_out_ratio(cfg: dict[str, Any], size: int = 128, steps: int = 100) -
     of the validation subject divided by that of the training B-scans' mean row per boundary there.
     """
     root = str(shared("duke_dme/duke_dme_trainval.h5"))
-    spec = json.loads(json.dumps(cfg["data"]))
-    spec["init_args"].update({"root": root, "image_size": size, "output_width": size, "batch_size": 8,
-                              "num_workers": 0, "augment": False})  # fmt: skip
-    dm = instantiate(spec)
-    link_data_to_model(cfg["model"], dm)
-    dm.setup("fit")
+    dm = recipe_data(cfg, {"root": root, "image_size": size, "output_width": size, "batch_size": 8})
     train = next(iter(dm.train_dataloader()))
     unseen = next(iter(torch.utils.data.DataLoader(dm.val_set, batch_size=8)))
-    L.seed_everything(0)
-    task = instantiate(cfg["model"])
-    task.train()
-    opt = task.build_optimizer(task.parameter_groups())
-    for _ in range(steps):
-        loss = task._step(train)[1]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    task = train_on(cfg, train, steps)[0]
     task.eval()
 
     def mae(rows: torch.Tensor, batch: dict[str, Any]) -> float:
