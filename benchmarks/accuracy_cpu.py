@@ -119,24 +119,28 @@ def run(cmd: list[str], log: Path) -> float:
     return time.monotonic() - start
 
 
-def common_args(recipe: Recipe, data_root: Path, root: Path, weights: str | None) -> list[str]:
+def common_args(recipe: Recipe, data_root: Path, root: Path, weights: str | None, data_seed: int | None) -> list[str]:
     args = ["--config", recipe.config, "--data.init_args.root", str(data_root),
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", str(root),
             "--comet", "false", "--trainer.enable_progress_bar", "false", "--experiment", recipe.name,
             "--trainer.max_epochs", "-1", *recipe.args]  # fmt: skip
     if "foundation" in recipe.name:
         args += ["--model.init_args.net.init_args.weights", weights or "null"]
+    if data_seed is not None:  # another draw of the recipe's seeded split (other held-out subjects/images)
+        args += ["--data.init_args.seed", str(data_seed)]
     return args
 
 
-def fit_and_test(recipe: Recipe, shared: Path, root: Path, weights: str | None = None) -> None:
+def fit_and_test(
+    recipe: Recipe, shared: Path, root: Path, weights: str | None = None, data_seed: int | None = None
+) -> None:
     """``fit`` within the budget into ``<root>/<name>/fit``, then ``test`` its best.ckpt into ``.../test``."""
     folder = root / recipe.name
     folder.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "octlightning"]
     budget = f"00:00:{int(recipe.minutes):02d}:{int(round(recipe.minutes % 1 * 60)):02d}"
     data_root = recipe.prepare(shared / recipe.data, root / "data") if recipe.prepare else shared / recipe.data
-    args = common_args(recipe, data_root, root, weights)
+    args = common_args(recipe, data_root, root, weights, data_seed)
     wall = run([*base, "fit", *args, "--version", "fit", "--trainer.max_time", budget], folder / "fit.log")
     (folder / "fit" / "wall.json").write_text(json.dumps({"wall_s": wall, "budget_min": recipe.minutes}))
     best = folder / "fit" / "checkpoints" / "best.ckpt"
@@ -195,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-data", default=str(SHARED_DATA))
     parser.add_argument("--report", default=None, help="tabulate the runs in this folder without training")
     parser.add_argument("--foundation-weights", default=None, help="local MIRAGE encoder weights (default: random)")
+    parser.add_argument(
+        "--data-seed", type=int, default=None, help="the DataModules' split seed (default: the recipe's, 42)"
+    )
     args = parser.parse_args(argv)
     chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
     root = Path(args.report or args.out).resolve()
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
                 continue
             print(f"accuracy-cpu: {recipe.name}: fit for {recipe.minutes:g} min, then test", flush=True)
-            fit_and_test(recipe, shared, root, args.foundation_weights)
+            fit_and_test(recipe, shared, root, args.foundation_weights, args.data_seed)
         if (root / recipe.name / "fit").is_dir():
             rows.append(summarise(recipe, root))
     text = (

@@ -174,6 +174,39 @@ def test_geometric_augmentation_moves_rows_with_the_image(h5file):
     assert moved >= 4
 
 
+def _shift_draws(top: int, bottom: int, draws: int = 200) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Boundary shifts and images of a 64 x 32 B-scan (vitreous 0.3, retina 0.9 between ``top`` and
+    ``bottom``) under shift-only augmentation; every draw asserts that no boundary was lost."""
+    image = np.full((64, 32), 0.3, np.float32)
+    image[top:bottom] = 0.9
+    coords = np.stack([np.full(32, float(top)), np.full(32, float(bottom))])
+    aug = LayerAugmentation(hflip=0, shift=0.3, scale=0, brightness_contrast=0, speckle=0, noise=0)
+    aug.set_random_seed(0)
+    shifts, images = [], []
+    for _ in range(draws):
+        out = aug(image, coords, np.ones_like(coords, bool))
+        assert out["valid"].all(), "a shift pushed an annotated boundary out of the image"
+        shifts.append(out["coords"][0, 0] - top)
+        images.append(out["image"])
+    return np.array(shifts), images
+
+
+def test_vertical_shift_spans_retina_positions_without_losing_boundaries_or_adding_edges():
+    shifts, images = _shift_draws(top=20, bottom=40)
+    # room: 20 rows above ILM, 23 below BM, 0.3 x 64 = 19.2 allowed -> both ways, far beyond 5 % of 64
+    assert shifts.max() > 15 and shifts.min() < -15 and np.abs(shifts).max() <= 19.2 + 1e-4
+    # exposed rows mirror the vitreous/choroid: no black band (a dark-to-bright edge that is no ILM)
+    assert min(float(im.min()) for im in images) > 0.29
+    # the retina band moves with the boundary rows
+    for t, im in zip(shifts[:20], images[:20], strict=True):
+        assert im[int(round(20 + t)) + 2, 0] > 0.8 and im[int(round(20 + t)) - 2, 0] < 0.4
+
+
+def test_vertical_shift_is_narrowed_when_the_retina_touches_the_border():
+    shifts, _ = _shift_draws(top=3, bottom=40)
+    assert np.abs(shifts).max() <= 3 + 1e-4  # the mirrored band may not reach the ILM
+
+
 def test_horizontal_flip_reverses_columns_and_round_trips(h5file):
     dm = _dm(h5file, augment=False, output_width=W)
     dm.setup("fit")
