@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from copy import deepcopy
 from importlib import import_module
 from pathlib import Path
@@ -91,7 +92,8 @@ class OctLightningCLI(LightningCLI):
     Added options (top level of the config):
         experiment: run-folder name under ``trainer.default_root_dir`` (default: the config file stem).
         version: run-folder version (default: the next ``version_N``). Naming an existing version whose
-            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``;
+            ``checkpoints/last.ckpt`` exists resumes it when ``fit`` gets no ``--ckpt_path``; one without
+            it starts over, the earlier files moved to ``earlier-<time>/`` inside it;
             ``--ckpt_path last`` without it resumes the latest saved version (see :meth:`_run_location`).
             ``test``/``predict`` of a run's own checkpoint write into that run (see :meth:`stage_dir`).
         comet: log to Comet (online with ``COMET_API_KEY``, else an offline archive in the run folder).
@@ -267,6 +269,8 @@ class OctLightningCLI(LightningCLI):
         if self.subcommand in ("fit", "validate", "test", "predict"):
             # Before any logger exists: a DataError must not leave a run folder or Comet archive behind.
             self._set_up_data_first(self.subcommand)
+        if self.subcommand == "fit" and os.environ.get("LOCAL_RANK", "0") == "0":
+            self._set_aside_an_unresumable_fit(run_dir)
 
         # The run folder is the trainer's root: checkpoints without a logger, SLURM's hpc_ckpt files
         # and every table the tasks write stay inside this run (the config's value is the runs root).
@@ -381,6 +385,31 @@ class OctLightningCLI(LightningCLI):
         cfg = self.config_init["predict"]
         if cfg.get("return_predictions") is None:
             cfg["return_predictions"] = False
+
+    def _set_aside_an_unresumable_fit(self, run_dir: Path) -> None:
+        """Move an earlier fit's files out of the way when this fit starts over in its folder.
+
+        ``--version k`` resumes k from ``checkpoints/last.ckpt`` (or SLURM's ``hpc_ckpt_*.ckpt``). A fit
+        killed before it saved one, or a new fit from other weights named into k, starts over: its rows
+        would follow the earlier fit's in ``metrics.csv`` and its best checkpoint become ``best-v1.ckpt``.
+        The earlier files go to ``<run>/earlier-<time>/`` instead, and the command says so.
+        """
+        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+            return
+        ckpt_path = self._cfg().get("ckpt_path")
+        resumable = (run_dir / "checkpoints" / "last.ckpt").is_file() or any(run_dir.glob("hpc_ckpt_*.ckpt"))
+        if (ckpt_path is None and resumable) or checkpoint_run_dir(ckpt_path) == run_dir:
+            return  # before_fit (or Lightning's SLURM restore) resumes this run in place
+        aside = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for entry in run_dir.iterdir():
+            if entry != aside and not entry.name.startswith("earlier-"):
+                entry.rename(aside / entry.name)
+        print(
+            f"octlightning: {run_dir} holds an earlier fit with no last.ckpt to resume (stopped before its first "
+            f"save, or this fit starts from other weights); starting over, its files moved to {aside}",
+            file=sys.stderr,
+        )
 
     def _say_where(self, what: str, folder: Path) -> None:
         # Run folders are numbered versions: tell the user which one this command wrote.

@@ -98,6 +98,23 @@ def test_ckpt_path_last_resumes_the_latest_version_or_names_version(drive_root, 
         run_cli(_args("fit", drive_root, tmp_path, *common, "--ckpt_path", "last", "--version", "nothing_here"))
 
 
+def test_a_fit_that_cannot_resume_its_named_version_starts_over_with_the_earlier_files_set_aside(
+    drive_root, tmp_path, capsys
+):
+    common = ["--comet", "false", "--trainer.check_val_every_n_epoch", "1", "--trainer.max_epochs", "1"]
+    run_cli(_args("fit", drive_root, tmp_path, *common, "--version", "k"))
+    run = tmp_path / "vessel_unet" / "k"
+    (run / "checkpoints" / "last.ckpt").unlink()  # killed (SIGKILL) before its first last.ckpt
+    capsys.readouterr()
+    run_cli(_args("fit", drive_root, tmp_path, *common, "--version", "k"))
+    assert "no last.ckpt to resume" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows if r.get("val/dice")] == ["0"], "the earlier fit's rows are not repeated"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1
+    (earlier,) = run.glob("earlier-*")
+    assert (earlier / "metrics.csv").is_file() and (earlier / "checkpoints" / "best.ckpt").is_file()
+
+
 def test_fit_on_broken_data_leaves_no_run_folder_and_no_comet_archive(drive_root, tmp_path):
     broken = tmp_path / "drive"
     shutil.copytree(drive_root, broken)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
@@ -172,8 +173,8 @@ class BaseDataModule(L.LightningDataModule):
     splits it brings itself, whose ``<split>_fraction`` must then stay 0).
 
     Samples are dicts with the keys of :class:`octlightning.data.sample.Sample`. A subclass's ``setup``
-    creates ``train_set``/``val_set`` (fit), ``test_set`` (test) and ``predict_set`` (predict); the
-    loaders here serve them with the shared settings.
+    calls :meth:`require_sources` first, then creates ``train_set``/``val_set`` (fit), ``test_set`` (test)
+    and ``predict_set`` (predict); the loaders here serve them with the shared settings.
     """
 
     num_classes: int | None = None
@@ -224,6 +225,27 @@ class BaseDataModule(L.LightningDataModule):
         self.test_dir = test_dir
         self.cache = SampleCache(cache_mb)  # for the subclass's training and validation datasets
         self._train_loader: ContinuousTrainLoader | None = None
+
+    def require_sources(self, stage: str | None) -> None:
+        """Raise :class:`DataError` naming the path and the option that sets it when a dataset ``stage``
+        reads does not exist: ``root``, or for ``test``/``predict`` the ``test_dir``/``predict_dir`` when
+        given; ``None``: every one given (for a ``prepare_data`` that reads them all).
+
+        Each subclass's ``setup`` calls it first, so that a wrong path is reported as such and not as the
+        first file its layout would look for inside it.
+        """
+        given = {"root": self.root, "test_dir": self.test_dir, "predict_dir": self.predict_dir}
+        if stage is not None:
+            option = {"test": "test_dir", "predict": "predict_dir"}.get(stage, "root")
+            given = {option: given[option]} if given[option] is not None else {"root": self.root}
+        for option, path in given.items():
+            if path is not None and not Path(path).exists():
+                # A relative path is read from the working directory: show where that led.
+                where = path if Path(path).is_absolute() else f"{path} (= {Path(path).resolve()})"
+                raise DataError(
+                    f"{where}: not found (no such file or folder); set --data.init_args.{option} to the dataset "
+                    f"{type(self).__name__} reads"
+                )
 
     # Subclasses override to pad variable-size samples; default stacks equal-size samples.
     def collate_fn(self, train: bool):

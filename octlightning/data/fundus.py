@@ -237,6 +237,7 @@ class FundusVesselDataModule(BaseDataModule):
         return self._train_records
 
     def setup(self, stage: str) -> None:
+        self.require_sources(stage)
         if stage in ("fit", "validate"):
             records = self._training_records()
             groups = [r.group for r in records]

@@ -353,6 +353,7 @@ class MaskFolderDataModule(BaseDataModule):
         return None if train else collate_file_masks
 
     def setup(self, stage: str) -> None:
+        self.require_sources(stage)
         if stage in ("fit", "validate"):
             split = self.splits()
             if not split["val"]:

@@ -376,6 +376,7 @@ class OCTLayerDataModule(BaseDataModule):
         return self.splits
 
     def setup(self, stage: str) -> None:
+        self.require_sources(stage)
         root_needed = stage in ("fit", "validate") or (stage == "test" and self.test_dir is None)
         if root_needed or (stage == "predict" and self.predict_dir is None):
             index = self.file_index()

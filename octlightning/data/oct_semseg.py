@@ -211,6 +211,7 @@ class OCTSemSegDataModule(BaseDataModule):
         return items
 
     def setup(self, stage: str) -> None:
+        self.require_sources(stage)
         self._info = read_info(self.info_path, self.ignore_labels)  # fail early on a bad INFO.json
         if stage in ("fit", "validate"):
             train = scan_split(self._split_folder("train"), True, self.volume_pattern)

@@ -108,11 +108,14 @@ def test_samples_splits_and_what_the_model_must_agree_with(datamodule):
     dm.teardown("fit")
 
 
-def test_a_missing_dataset_is_a_data_error_naming_it(datamodule, tmp_path):
+def test_a_missing_dataset_is_a_data_error_naming_it_and_the_option(datamodule, tmp_path):
     missing = tmp_path / "no_such_dataset"
     dm = type(datamodule)(**{**datamodule.hparams, "root": str(missing)})
-    with pytest.raises(DataError, match="no_such_dataset"):
+    with pytest.raises(DataError, match="no_such_dataset.*not found.*--data.init_args.root"):
         dm.setup("fit")
+    dm = type(datamodule)(**{**datamodule.hparams, "test_dir": str(missing)})
+    with pytest.raises(DataError, match="no_such_dataset.*not found.*--data.init_args.test_dir"):
+        dm.setup("test")
 
 
 # Every annotated sample of each fixture (all its splits): what `test` scores with test_dir pointing at it.

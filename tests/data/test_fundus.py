@@ -99,10 +99,11 @@ def test_fraction_mismatch_is_an_error_naming_both_files(drive_root, tmp_path):
 
 
 def test_missing_folder_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="nowhere.*not found"):
+    with pytest.raises(DataError, match="nowhere: not found.*--data.init_args.root"):
         _dm(tmp_path / "nowhere").setup("fit")
-    with pytest.raises(DataError, match="training"):
-        _dm(tmp_path / "nowhere", layout="drive").setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty/training: DRIVE train folder not found"):
+        _dm(tmp_path / "empty", layout="drive").setup("fit")
 
 
 def test_folder_layout_with_different_sizes_pads_per_batch(tmp_path):

@@ -160,6 +160,7 @@ class RetouchDataModule(BaseDataModule):
 
     def prepare_data(self) -> None:
         # Runs once per node before setup on every rank: the cache is built here, read in setup.
+        self.require_sources(None)
         self.store()
         for folder in (self.predict_dir, self.test_dir):
             if folder:
@@ -209,6 +210,7 @@ class RetouchDataModule(BaseDataModule):
 
     # ----------------------------------------------------------------- stages
     def setup(self, stage: str) -> None:
+        self.require_sources(stage)
         store = self.store()
         parts = self.split()
         if stage in ("fit", "validate"):
