@@ -91,7 +91,8 @@ RECIPES = [
            ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
     Recipe("oct_unet", "hparams/oct_unet.json", "duke_dme/duke_dme_trainval.h5", 20,
            ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
-    Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 5, ["dice", "iou"],
+    Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 5,
+           ["dice", "iou", "thresholded_jaccard"],  # the ISIC 2018 score: logged by test only
            ["--data.init_args.batch_size", "8"]),
     Recipe("vessel_unet", "hparams/vessel_unet.json", "drive", 20, ["dice", "auroc"],
            ["--model.init_args.net.init_args.base_channels", "16",
@@ -103,7 +104,7 @@ RECIPES = [
     # No MIRAGE weights offline: the frozen ViT-B stays random, so this row checks that the pipeline and
     # decoder learn, not the foundation model; give --foundation-weights for the real recipe.
     Recipe("duke_dme_foundation", "hparams/duke_dme_foundation.json", "duke_dme/duke_dme_trainval.h5", 10,
-           ["dice", "hd95"],
+           ["dice", "iou"],  # HD95 per B-scan and class: test/test_metrics.csv
            ["--model.init_args.net.init_args.img_size", "512", "--trainer.check_val_every_n_epoch", "2"],
            prepare=mirage_layout),
 ]  # fmt: skip
@@ -175,8 +176,8 @@ def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
         "best epoch": best.get("epoch", "n/a"),
     }
     for m in recipe.metrics:
-        v, t = best.get(f"val/{m}"), tested.get(f"test/{m}")
-        out[m + " (val / test)"] = f"{float(v):.3g} / {float(t):.3g}" if v and t else f"{v or 'n/a'} / {t or 'n/a'}"
+        v, t = (f"{float(x):.3g}" if x else "n/a" for x in (best.get(f"val/{m}"), tested.get(f"test/{m}")))
+        out[m + " (val / test)"] = f"{v} / {t}"
     return out
 
 
