@@ -394,17 +394,18 @@ class OctLightningCLI(LightningCLI):
         would follow the earlier fit's in ``metrics.csv`` and its best checkpoint become ``best-v1.ckpt``.
         The earlier files go to ``<run>/earlier-<time>/`` instead, and the command says so.
         """
-        if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        earlier = [e for e in run_dir.iterdir() if not e.name.startswith("earlier-")] if run_dir.is_dir() else []
+        if not earlier:
             return
         ckpt_path = self._cfg().get("ckpt_path")
         resumable = (run_dir / "checkpoints" / "last.ckpt").is_file() or any(run_dir.glob("hpc_ckpt_*.ckpt"))
-        if (ckpt_path is None and resumable) or checkpoint_run_dir(ckpt_path) == run_dir:
+        owner = checkpoint_run_dir(ckpt_path)
+        if (ckpt_path in (None, "hpc") and resumable) or (owner is not None and owner.resolve() == run_dir.resolve()):
             return  # before_fit (or Lightning's SLURM restore) resumes this run in place
         aside = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
         aside.mkdir()
-        for entry in run_dir.iterdir():
-            if entry != aside and not entry.name.startswith("earlier-"):
-                entry.rename(aside / entry.name)
+        for entry in earlier:
+            entry.rename(aside / entry.name)
         print(
             f"octlightning: {run_dir} holds an earlier fit with no last.ckpt to resume (stopped before its first "
             f"save, or this fit starts from other weights); starting over, its files moved to {aside}",

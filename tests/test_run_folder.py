@@ -114,6 +114,11 @@ def test_a_fit_that_cannot_resume_its_named_version_starts_over_with_the_earlier
     (earlier,) = run.glob("earlier-*")
     assert (earlier / "metrics.csv").is_file() and (earlier / "checkpoints" / "best.ckpt").is_file()
 
+    # Resuming from the run's own checkpoint, named by another spelling of its path, moves nothing.
+    own = run / ".." / "k" / "checkpoints" / "last.ckpt"
+    run_cli(_args("fit", drive_root, tmp_path, *common, "--version", "k", "--ckpt_path", str(own)))
+    assert len(list(run.glob("earlier-*"))) == 1 and (run / "metrics.csv").is_file()
+
 
 def test_fit_on_broken_data_leaves_no_run_folder_and_no_comet_archive(drive_root, tmp_path):
     broken = tmp_path / "drive"
