@@ -18,6 +18,7 @@ import re
 import sys
 import time
 from copy import deepcopy
+from fnmatch import fnmatch
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -394,7 +395,10 @@ class OctLightningCLI(LightningCLI):
         would follow the earlier fit's in ``metrics.csv`` and its best checkpoint become ``best-v1.ckpt``.
         The earlier files go to ``<run>/earlier-<time>/`` instead, and the command says so.
         """
-        earlier = [e for e in run_dir.iterdir() if not e.name.startswith("earlier-")] if run_dir.is_dir() else []
+        # A supervisor's files (a sweep's status.json and logs, SLURM's output) span attempts: they stay.
+        kept = ("earlier-*", "status.json", ".status.json.*", "*.log", "slurm-*")
+        entries = run_dir.iterdir() if run_dir.is_dir() else []
+        earlier = [e for e in entries if not any(fnmatch(e.name, pattern) for pattern in kept)]
         if not earlier:
             return
         ckpt_path = self._cfg().get("ckpt_path")

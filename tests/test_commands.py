@@ -78,6 +78,18 @@ def test_class_count_and_names_come_from_the_data(tmp_path):
     assert "val/dice_Fluid" in logged and not any(k.endswith("_OPL") for k in logged)
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "hparams").glob("*.json")))
+def test_fit_with_a_wrong_root_stops_naming_the_path_and_the_option(recipe, tmp_path):
+    runs = tmp_path / "runs"
+    out = _octlightning("fit", "--config", str(REPO / "hparams" / recipe), "--data.init_args.root",
+                        "no/such/dataset", "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    message = out.stderr.strip().splitlines()[-1]
+    assert message.startswith("octlightning: data error: no/such/dataset (= /"), message
+    assert "not found" in message and "set --data.init_args.root" in message, message
+    assert not runs.exists()
+
+
 def test_a_config_that_contradicts_the_data_fails_before_training_naming_both_values(tmp_path, drive_root):
     runs = tmp_path / "runs"
     out = _octlightning(

@@ -105,6 +105,7 @@ def test_a_fit_that_cannot_resume_its_named_version_starts_over_with_the_earlier
     run_cli(_args("fit", drive_root, tmp_path, *common, "--version", "k"))
     run = tmp_path / "vessel_unet" / "k"
     (run / "checkpoints" / "last.ckpt").unlink()  # killed (SIGKILL) before its first last.ckpt
+    (run / "status.json").write_text("{}")  # a sweep's own file: it stays where the sweep reads it
     capsys.readouterr()
     run_cli(_args("fit", drive_root, tmp_path, *common, "--version", "k"))
     assert "no last.ckpt to resume" in capsys.readouterr().err
@@ -113,6 +114,7 @@ def test_a_fit_that_cannot_resume_its_named_version_starts_over_with_the_earlier
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no best-v1
     (earlier,) = run.glob("earlier-*")
     assert (earlier / "metrics.csv").is_file() and (earlier / "checkpoints" / "best.ckpt").is_file()
+    assert (run / "status.json").is_file() and not (earlier / "status.json").exists()
 
     # Resuming from the run's own checkpoint, named by another spelling of its path, moves nothing.
     own = run / ".." / "k" / "checkpoints" / "last.ckpt"

@@ -317,8 +317,9 @@ class OCTLayerDataModule(BaseDataModule):
         return [f"boundary{k}" for k in indices]
 
     def file_index(self) -> LayerFileIndex:
-        """Validate ``root`` once and remember its layout."""
+        """Validate ``root`` once and remember its layout (read before ``setup`` by the data -> model links)."""
         if self._index is None:
+            self.require_sources("fit")  # the root: a wrong path is named with its option
             self._index = self._inspect(Path(self.root))
         return self._index
 

@@ -170,6 +170,8 @@ class OCTSemSegDataModule(BaseDataModule):
     @property
     def info(self) -> SemSegInfo:
         if self._info is None:
+            if not self.info_path.exists():  # read before setup (data -> model links): a wrong root?
+                self.require_sources("fit")
             self._info = read_info(self.info_path, self.ignore_labels)
         return self._info
 

@@ -37,6 +37,8 @@ from octlightning.errors import DataError
 
 def open_layer_file(path: Path) -> h5py.File:
     """Open ``path`` for reading; :class:`DataError` naming it when it is missing or not HDF5."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; this layout reads one HDF5 file (images, layer_maps)")
     if not path.is_file():
         raise DataError(f"{path}: HDF5 file not found")
     try:
