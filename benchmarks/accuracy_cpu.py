@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -49,7 +51,6 @@ class Recipe:
     args: list[str] = field(default_factory=list)  # CPU-sizing overrides
     # writes the recipe's layout from the shared data into a folder and returns the dataset root
     prepare: Callable[[Path, Path], Path] | None = None
-    monitor: str = "val/dice"
 
 
 def retouch_cases(shared_file: Path, out: Path) -> Path:
@@ -88,9 +89,9 @@ def mirage_layout(shared_file: Path, out: Path) -> Path:
 OCT_ARGS = ["--data.init_args.image_size", "256", "--data.init_args.output_width", "256"]
 RECIPES = [
     Recipe("oct_segformer", "hparams/oct_segformer.json", "duke_dme/duke_dme_trainval.h5", 20,
-           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
+           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
     Recipe("oct_unet", "hparams/oct_unet.json", "duke_dme/duke_dme_trainval.h5", 20,
-           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS, monitor="val/mae_px"),
+           ["mae_px_ILM", "mae_px_BM", "mae_um_ILM", "mae_um_BM"], OCT_ARGS),
     Recipe("isic_deeplabv3plus", "hparams/isic_deeplabv3plus.json", "ph2_isic", 5,
            ["dice", "iou", "thresholded_jaccard"],  # the ISIC 2018 score: logged by test only
            ["--data.init_args.batch_size", "8"]),
@@ -100,7 +101,7 @@ RECIPES = [
             "--data.init_args.batch_size", "8"]),
     Recipe("retouch_unet", "hparams/retouch_unet.json", "duke_dme/duke_dme_trainval.h5", 10, ["dice_IRF"],
            ["--data.init_args.patches_per_epoch", "256", "--data.init_args.batch_size", "16"],
-           prepare=retouch_cases, monitor="val/dice"),
+           prepare=retouch_cases),
     # No MIRAGE weights offline: the frozen ViT-B stays random, so this row checks that the pipeline and
     # decoder learn, not the foundation model; give --foundation-weights for the real recipe.
     Recipe("duke_dme_foundation", "hparams/duke_dme_foundation.json", "duke_dme/duke_dme_trainval.h5", 10,
@@ -159,8 +160,10 @@ def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
     """One table row from ``<root>/<name>/{fit,test}``."""
     fit, test = root / recipe.name / "fit", root / recipe.name / "test"
     rows = read_metrics(fit / "metrics.csv")
-    monitor = recipe.monitor
-    better = min if monitor.endswith("mae_px") else max
+    # the checkpointed epoch: the task's own monitor and mode, as the run saved them in its config
+    task = yaml.safe_load((fit / "config.yaml").read_text())["model"]["init_args"]
+    monitor = task["monitor"]
+    better = min if task["monitor_mode"] == "min" else max
     val = [r for r in rows if r.get(monitor)]
     best = better(val, key=lambda r: float(r[monitor])) if val else {}
     epochs = max((int(r["epoch"]) for r in rows if r.get("epoch")), default=-1) + 1
