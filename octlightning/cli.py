@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from copy import deepcopy
 from fnmatch import fnmatch
 from importlib import import_module
@@ -431,13 +432,24 @@ class OctLightningCLI(LightningCLI):
         self._say_where("predictions", Path(self.trainer.default_root_dir) / "predictions")
 
     def before_fit(self) -> None:
-        """Resume automatically when the named run folder already holds ``last.ckpt``."""
+        """Resume automatically when the named run folder already holds ``last.ckpt``; say where the run writes."""
         self._load_checkpoints_safely()
         fit_cfg = self.config_init["fit"]
         last = self.run_dir / "checkpoints" / "last.ckpt"
         if fit_cfg.get("ckpt_path") is None and self._cfg().get("version") and last.is_file():
-            print(f"octlightning: resuming {self.run_dir} from {last}", file=sys.stderr)
             fit_cfg["ckpt_path"] = str(last)
+        ckpt_path = fit_cfg.get("ckpt_path")
+        owner = checkpoint_run_dir(ckpt_path)
+        in_place = owner is not None and owner.resolve() == self.run_dir.resolve()
+        if in_place:  # Lightning's "Checkpoint directory ... exists and is not empty" is then expected
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        if os.environ.get("LOCAL_RANK", "0") != "0":  # before DDP's launch ranks are not set up: local rank 0 says it
+            return
+        if in_place:
+            print(f"octlightning: resuming {self.run_dir} from {ckpt_path}", file=sys.stderr)
+        else:  # said at the start, not only at the end: a run killed on day three is resumed by its version
+            how = f"; if it stops, the same command with --version {self.run_dir.name} resumes it"
+            print(f"octlightning: fit: writing {self.run_dir}{'' if ckpt_path else how}", file=sys.stderr)
 
 
 def run_cli(args: list[str] | None = None) -> OctLightningCLI:

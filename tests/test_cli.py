@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_predict_writes_masks_at_original_size_and_overlays(trained_run, drive_r
         assert set(Image.open(out / f"{sid}_mask.png").getdata()) <= {0, 255}
 
 
-def test_resuming_a_named_version_continues_from_last_ckpt(drive_root, tmp_path):
+def test_resuming_a_named_version_continues_from_last_ckpt(drive_root, tmp_path, capsys):
     args = _args(
         "fit",
         drive_root,
@@ -126,7 +127,15 @@ def test_resuming_a_named_version_continues_from_last_ckpt(drive_root, tmp_path)
         "1",
     )
     run_cli([*args, "--trainer.max_epochs", "1"])
-    cli = run_cli([*args, "--trainer.max_epochs", "2"])
+    run_dir = tmp_path / "vessel_unet" / "run_a"
+    # said at the start, so that a user whose run is killed knows what resumes it
+    assert f"fit: writing {run_dir}; if it stops, the same command with --version run_a" in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli([*args, "--trainer.max_epochs", "2"])
+    assert f"resuming {run_dir} from" in capsys.readouterr().err
+    # resuming in place is the point: no "Checkpoint directory ... exists and is not empty" warning
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     assert cli.trainer.current_epoch == 2
     rows = list(csv.DictReader(open(tmp_path / "vessel_unet" / "run_a" / "metrics.csv")))
     # the first epoch's metrics are kept, the resumed run adds the second
