@@ -3,10 +3,12 @@
 For each recipe, ``octlightning fit`` runs with the recipe's hparams file as a user runs it, on the
 shared data (../shared/data), on the CPU, for a time budget (``trainer.max_time`` with ``max_epochs: -1``:
 a cosine learning-rate schedule then spans the budget, see ``BaseTask.schedule_span``, and has decayed
-when it ends, whatever the machine's speed; early stopping may end a run sooner); then ``octlightning test``
-scores its ``best.ckpt`` (chosen on the validation split) on the test split. Both splits are unseen in
-training: subject-wise for the OCT recipes (Duke DME subjects), image-wise for the others. Only
-CPU-sizing overrides are applied (listed per recipe below). The RETOUCH and foundation recipes read the
+when it ends, whatever the machine's speed). The budget alone ends a run: the recipe's early stopping is
+off unless ``--early-stopping`` (with it, runs stopped at 12-16 of 20 minutes with the schedule at a
+third of its peak rate, and their wall time said more about the patience than the recipe). Then
+``octlightning test`` scores its ``best.ckpt`` (chosen on the validation split) on the test split. Both
+splits are unseen in training: subject-wise for the OCT recipes (Duke DME subjects), image-wise for the
+others. Only CPU-sizing overrides are applied (listed per recipe below). The RETOUCH and foundation recipes read the
 shared Duke DME file written in their layouts into ``<out>/data`` (subjects 1-8 as RETOUCH cases; the
 MIRAGE layout split by subject); without MIRAGE weights offline, the foundation row's frozen encoder is
 random (``--foundation-weights FILE`` runs the real recipe). Prints a markdown table (budget, wall time,
@@ -14,6 +16,7 @@ epochs/steps, validation and test figures) and writes it to ``runs/accuracy-cpu/
 
     python benchmarks/accuracy_cpu.py                         # every recipe whose data is present
     python benchmarks/accuracy_cpu.py --recipes oct           # the OCT layer recipes only
+    python benchmarks/accuracy_cpu.py --recipes oct --data-seed 0   # another split (other held-out subjects)
     python benchmarks/accuracy_cpu.py --report runs/accuracy-cpu   # tabulate finished runs again
 
 Run by hand or by ``make accuracy-cpu`` (never in CI: it takes the budgets' sum, 20 minutes per OCT
@@ -121,7 +124,9 @@ def run(cmd: list[str], log: Path) -> float:
     return time.monotonic() - start
 
 
-def common_args(recipe: Recipe, data_root: Path, root: Path, weights: str | None, data_seed: int | None) -> list[str]:
+def common_args(
+    recipe: Recipe, data_root: Path, root: Path, weights: str | None, data_seed: int | None, early_stopping: bool
+) -> list[str]:
     args = ["--config", recipe.config, "--data.init_args.root", str(data_root),
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", str(root),
             "--comet", "false", "--trainer.enable_progress_bar", "false", "--experiment", recipe.name,
@@ -130,11 +135,18 @@ def common_args(recipe: Recipe, data_root: Path, root: Path, weights: str | None
         args += ["--model.init_args.net.init_args.weights", weights or "null"]
     if data_seed is not None:  # another draw of the recipe's seeded split (other held-out subjects/images)
         args += ["--data.init_args.seed", str(data_seed)]
+    if not early_stopping:  # the budget alone ends the run, and its cosine schedule decays to the end
+        args += ["--early_stopping_patience", "null"]
     return args
 
 
 def fit_and_test(
-    recipe: Recipe, shared: Path, root: Path, weights: str | None = None, data_seed: int | None = None
+    recipe: Recipe,
+    shared: Path,
+    root: Path,
+    weights: str | None = None,
+    data_seed: int | None = None,
+    early_stopping: bool = False,
 ) -> None:
     """``fit`` within the budget into ``<root>/<name>/fit``, then ``test`` its best.ckpt into ``.../test``."""
     folder = root / recipe.name
@@ -142,7 +154,7 @@ def fit_and_test(
     base = [sys.executable, "-m", "octlightning"]
     budget = f"00:00:{int(recipe.minutes):02d}:{int(round(recipe.minutes % 1 * 60)):02d}"
     data_root = recipe.prepare(shared / recipe.data, root / "data") if recipe.prepare else shared / recipe.data
-    args = common_args(recipe, data_root, root, weights, data_seed)
+    args = common_args(recipe, data_root, root, weights, data_seed, early_stopping)
     wall = run([*base, "fit", *args, "--version", "fit", "--trainer.max_time", budget], folder / "fit.log")
     (folder / "fit" / "wall.json").write_text(json.dumps({"wall_s": wall, "budget_min": recipe.minutes}))
     best = folder / "fit" / "checkpoints" / "best.ckpt"
@@ -206,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-seed", type=int, default=None, help="the DataModules' split seed (default: the recipe's, 42)"
     )
+    parser.add_argument(
+        "--early-stopping", action="store_true", help="keep the recipes' early stopping (default: the budget alone)"
+    )
     args = parser.parse_args(argv)
     chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
     root = Path(args.report or args.out).resolve()
@@ -217,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
                 continue
             print(f"accuracy-cpu: {recipe.name}: fit for {recipe.minutes:g} min, then test", flush=True)
-            fit_and_test(recipe, shared, root, args.foundation_weights, args.data_seed)
+            fit_and_test(recipe, shared, root, args.foundation_weights, args.data_seed, args.early_stopping)
         if (root / recipe.name / "fit").is_dir():
             rows.append(summarise(recipe, root))
     text = (
