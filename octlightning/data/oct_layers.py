@@ -269,11 +269,19 @@ class OCTLayerDataModule(BaseDataModule):
         self.elastic = elastic
         self._index: LayerFileIndex | None = None
         self.splits: dict[str, np.ndarray] = {}
+        self._told_no_spacing: set[Path] = set()
 
     def _dataset(
         self, index: LayerFileIndex, ids, layer_key: str | None, transform=None, cache: bool = False
     ) -> OCTLayerDataset:
         spacing = self.pixel_spacing_um if self.pixel_spacing_um is not None else index.spacing_um
+        if spacing is None and layer_key is not None and index.path not in self._told_no_spacing:
+            self._told_no_spacing.add(index.path)
+            warnings.warn(
+                f"{index.path}: no pixel_spacing_um attribute, so errors are reported in pixels only (no mae_um); "
+                f"set --data.init_args.pixel_spacing_um to the axial micrometres per pixel of the original B-scan",
+                stacklevel=2,
+            )
         return OCTLayerDataset(
             index.path,
             ids,
@@ -374,6 +382,12 @@ class OCTLayerDataModule(BaseDataModule):
             groups = usable
         parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed)
         self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
+        if split_by == "subject":  # the held-out subjects are what a result is reported on: name them
+            held = "; ".join(
+                f"{name} {sorted(set(index.subjects[ids].tolist()))} ({len(ids)} B-scans)"
+                for name, ids in self.splits.items()
+            )
+            rank_zero_info(f"OCTLayerDataModule: {index.path}: split by subject (seed {self.seed}): {held}")
         return self.splits
 
     def setup(self, stage: str) -> None:

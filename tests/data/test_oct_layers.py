@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import cv2
@@ -113,6 +114,30 @@ def test_subject_split_is_seeded_disjoint_and_excludes_unannotated_scans(h5file)
     again = _dm(h5file, seed=3)
     again.setup("fit")
     assert all((again.splits[k] == dm.splits[k]).all() for k in dm.splits)
+
+
+def test_the_split_names_its_held_out_subjects(h5file, caplog):
+    dm = _dm(h5file, seed=3)
+    with pytest.warns(UserWarning, match="excluded"), caplog.at_level("INFO"):
+        dm.setup("fit")
+    said = caplog.text
+    subjects = {k: sorted({int(dm.file_index().subjects[i]) for i in v}) for k, v in dm.splits.items()}
+    # what a result is reported on: the held-out subjects, by the file's own subject numbers
+    expected = f"split by subject (seed 3): train {subjects['train']} ({len(dm.splits['train'])} B-scans); "
+    assert expected + f"val {subjects['val']} ({len(dm.splits['val'])} B-scans); test {subjects['test']}" in said
+
+
+def test_a_file_without_pixel_spacing_says_micrometres_are_not_reported(tmp_path):
+    path = write_layer_file(tmp_path / "nospacing.h5", pixel_spacing_um=None)
+    # the micrometre metrics used to be left out without a word
+    with pytest.warns(UserWarning, match=r"nospacing.h5: no pixel_spacing_um .*--data.init_args.pixel_spacing_um"):
+        _dm(path).setup("fit")
+    dm = _dm(path, pixel_spacing_um=4.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    assert not [w for w in caught if "pixel_spacing_um" in str(w.message)]
+    assert float(dm.val_set[0]["spacing_um"]) == 4.0
 
 
 def test_without_subjects_splitting_by_bscan_is_an_explicit_choice(tmp_path):
