@@ -343,6 +343,10 @@ class OctLightningCLI(LightningCLI):
         if self.subcommand == "fit" and not any(isinstance(c, BeatConstantBaseline) for c in callbacks):
             callbacks.append(BeatConstantBaseline())  # a run that learns nothing says so (every recipe)
         kwargs["callbacks"] = callbacks
+        if self.subcommand != "fit" and log_dir == run_dir and (run_dir / "config.yaml").is_file():
+            # test/predict given a fit's --version (a sweep's test stage) work in that run folder: its
+            # config.yaml is the record of how the run was trained; this command's goes beside it.
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config-{self.subcommand}.yaml"}
         return super().instantiate_trainer(**kwargs)
 
     def _set_up_data_first(self, first: str) -> None:

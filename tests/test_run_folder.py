@@ -80,6 +80,20 @@ def test_a_named_version_still_decides_where_test_writes(fitted, drive_root):
     assert (fitted.parent / "scored" / "test_metrics.csv").is_file()
 
 
+def test_testing_into_the_fit_s_own_version_keeps_its_config_yaml(drive_root, tmp_path):
+    # what a sweep's test stage does: test --version <the run> --ckpt_path <the run's best.ckpt>
+    common = ("--comet", "false", "--version", "k")
+    run_cli(_args("fit", drive_root, tmp_path, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+                  *common))  # fmt: skip
+    run = tmp_path / "vessel_unet" / "k"
+    fit_config = (run / "config.yaml").read_text()
+    run_cli(_args("test", drive_root, tmp_path, "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), *common))
+    # the record of how the run was trained was overwritten by the test command's config
+    assert (run / "config.yaml").read_text() == fit_config
+    assert "best.ckpt" in (run / "config-test.yaml").read_text()
+    assert any(r.get("test/dice") for r in csv.DictReader(open(run / "metrics.csv")))
+
+
 def test_ckpt_path_last_resumes_the_latest_version_or_names_version(drive_root, tmp_path):
     common = ["--comet", "false", "--trainer.check_val_every_n_epoch", "1", "--checkpoint_every_s", "0"]
     with pytest.raises(ConfigError, match="--version"):
