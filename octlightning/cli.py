@@ -63,6 +63,12 @@ def checkpoint_run_dir(ckpt_path: str | os.PathLike | None) -> Path | None:
     return path.parent.parent
 
 
+def resumes_in_place(ckpt_path: str | os.PathLike | None, run_dir: Path) -> bool:
+    """Whether ``ckpt_path`` is a checkpoint of ``run_dir`` itself (a fit then resumes that run in place)."""
+    owner = checkpoint_run_dir(ckpt_path)
+    return owner is not None and owner.resolve() == run_dir.resolve()
+
+
 def latest_resumable_version(experiment_dir: Path) -> str | None:
     """The version folder under ``experiment_dir`` whose ``checkpoints/last.ckpt`` was written last, or None."""
     candidates = [p for p in experiment_dir.glob("*/checkpoints/last.ckpt") if p.is_file()]
@@ -408,8 +414,7 @@ class OctLightningCLI(LightningCLI):
             return
         ckpt_path = self._cfg().get("ckpt_path")
         resumable = (run_dir / "checkpoints" / "last.ckpt").is_file() or any(run_dir.glob("hpc_ckpt_*.ckpt"))
-        owner = checkpoint_run_dir(ckpt_path)
-        if (ckpt_path in (None, "hpc") and resumable) or (owner is not None and owner.resolve() == run_dir.resolve()):
+        if (ckpt_path in (None, "hpc") and resumable) or resumes_in_place(ckpt_path, run_dir):
             return  # before_fit (or Lightning's SLURM restore) resumes this run in place
         aside = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
         aside.mkdir()
@@ -443,8 +448,7 @@ class OctLightningCLI(LightningCLI):
         if fit_cfg.get("ckpt_path") is None and self._cfg().get("version") and last.is_file():
             fit_cfg["ckpt_path"] = str(last)
         ckpt_path = fit_cfg.get("ckpt_path")
-        owner = checkpoint_run_dir(ckpt_path)
-        in_place = owner is not None and owner.resolve() == self.run_dir.resolve()
+        in_place = resumes_in_place(ckpt_path, self.run_dir)
         if in_place:  # Lightning's "Checkpoint directory ... exists and is not empty" is then expected
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if os.environ.get("LOCAL_RANK", "0") != "0":  # before DDP's launch ranks are not set up: local rank 0 says it
