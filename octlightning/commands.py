@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -114,6 +115,17 @@ def main(argv: list[str] | None = None) -> None:
         kind = "data" if isinstance(err, DataError) else "config"
         print(f"octlightning: {kind} error: {_one_line(err)}", file=sys.stderr)
         sys.exit(1)
+    except BaseException:
+        from octlightning.callbacks import LastCheckpoint
+
+        if not LastCheckpoint.stopped_by_sigterm:
+            raise
+        # Stopped on purpose (timeout, scancel, a sweep's Ctrl-C) and saved: not a crash to debug (the
+        # error is the loader workers' death from the same signal), nor a success (Lightning's own
+        # SIGTERMException is a SystemExit with status 0, so `timeout ... fit && test` went on to test).
+        # The status is that of a process SIGTERM ended, 128 + 15.
+        print("octlightning: fit stopped by SIGTERM; the same command with its --version resumes it", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

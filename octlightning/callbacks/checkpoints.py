@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +65,9 @@ class LastCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:  # not already saved at this step
             self._save_now(trainer)
 
+    #: Set when a fit in this process was stopped by SIGTERM (``octlightning`` then exits with one line).
+    stopped_by_sigterm = False
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -77,6 +82,8 @@ class LastCheckpoint(ModelCheckpoint):
         )
         if not sigterm or trainer.state.fn != TrainerFn.FITTING:
             return
+        type(self).stopped_by_sigterm = True
+        _stop_raising_loader_worker_deaths()
         if self.dirpath is None:
             return
         path = self._save_now(trainer)
@@ -93,3 +100,16 @@ class LastCheckpoint(ModelCheckpoint):
         self._last_save_time = time.monotonic()
         self._due = False
         return path
+
+
+def _stop_raising_loader_worker_deaths() -> None:
+    """Let the run stop without torch raising each loader worker's death at whatever line runs next.
+
+    torch's DataLoader installs a SIGCHLD handler in the main process that raises ``RuntimeError:
+    DataLoader worker ... is killed by signal`` from inside the signal handler. After a SIGTERM to the
+    process group every worker (training and validation loaders) dies, and the second death arrived
+    while ``last.ckpt`` was being pickled: the save failed and the run was lost. The process is
+    stopping; the workers' deaths are expected, so SIGCHLD goes back to its default (ignored).
+    """
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
