@@ -12,20 +12,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from octlightning.errors import ConfigError
+
 
 class UnsafeCheckpointError(RuntimeError):
     """A weights file holds objects that ``weights_only`` loading refuses."""
 
 
-def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, Tensor]:
+def load_state_dict(path: str | Path, key: str | None = None, option: str | None = None) -> dict[str, Tensor]:
     """Load a state dict from ``.pt``/``.pth``/``.ckpt``/``.bin`` or ``.safetensors``.
 
     Nested checkpoints (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped; ``key`` picks a
-    sub-dictionary explicitly.
+    sub-dictionary explicitly. ``option``: the config option that named the file, for the error.
+
+    Raises:
+        ConfigError: no such file (naming ``option``; the CLI prints it as one line).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        fix = f"; set {option} to a local weights file" if option else ""
+        raise ConfigError(f"weights file not found: {path} (= {path.resolve()}){fix}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

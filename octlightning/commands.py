@@ -89,6 +89,22 @@ def _one_line(err: BaseException) -> str:
     return cause.split(f"{name}: ", 1)[-1]
 
 
+def _users_to_fix(err: BaseException) -> DataError | ConfigError | None:
+    """The DataError/ConfigError behind ``err``: itself, or one it was raised while handling.
+
+    jsonargparse reports an error raised while building a class (a network whose weights file is
+    missing) as its own "Does not validate against any of the Union subtypes" ValueError, raised while
+    handling ours.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DataError | ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``octlightning``): dispatch to the named command and exit with its status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -109,15 +125,16 @@ def main(argv: list[str] | None = None) -> None:
             # The arguments are sys.argv's, rewritten (null_means_none): nothing is given twice.
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             run_cli(null_means_none(argv))
-    except (DataError, ConfigError) as err:
-        # The user's data or config to fix, not ours to debug: one line naming the file or the key, no
-        # traceback (from a loader worker the message arrives wrapped in the worker's traceback text).
-        kind = "data" if isinstance(err, DataError) else "config"
-        print(f"octlightning: {kind} error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(1)
-    except BaseException:
+    except BaseException as err:
         from octlightning.callbacks import LastCheckpoint
 
+        user_error = _users_to_fix(err)
+        if user_error is not None:
+            # The user's data or config to fix, not ours to debug: one line naming the file or the key, no
+            # traceback (from a loader worker the message arrives wrapped in the worker's traceback text).
+            kind = "data" if isinstance(user_error, DataError) else "config"
+            print(f"octlightning: {kind} error: {_one_line(user_error)}", file=sys.stderr)
+            sys.exit(1)
         if not LastCheckpoint.stopped_by_sigterm:
             raise
         # Stopped on purpose (timeout, scancel, a sweep's Ctrl-C) and saved: not a crash to debug (the

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from octlightning.checkpoints import UnsafeCheckpointError, load_state_dict
+from octlightning.errors import ConfigError
 
 
 class _Exploit:
@@ -22,8 +23,8 @@ def test_nested_state_dicts_are_unwrapped(tmp_path):
     path = tmp_path / "ok.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, path)
     assert torch.equal(load_state_dict(path)["w"], torch.ones(2))
-    with pytest.raises(FileNotFoundError):
-        load_state_dict(tmp_path / "missing.pth")
+    with pytest.raises(ConfigError, match=r"weights file not found: .*missing.pth .*; set --x to a local weights"):
+        load_state_dict(tmp_path / "missing.pth", option="--x")
 
 
 def test_the_cli_refuses_a_checkpoint_that_would_run_code(drive_root, tmp_path):

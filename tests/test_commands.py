@@ -90,6 +90,20 @@ def test_fit_with_a_wrong_root_stops_naming_the_path_and_the_option(recipe, tmp_
     assert not runs.exists()
 
 
+def test_the_foundation_recipe_without_its_weights_file_stops_with_one_line_naming_the_fix(tmp_path):
+    """The recipe names pretrained/mirage_base.pth, a file only the user has: jsonargparse wrapped the
+    missing file in a 95-line "Does not validate against any of the Union subtypes" traceback."""
+    root = write_mirage_layout(tmp_path / "four", ["Background", "Retina", "Choroid", "Fluid"], [0, 80, 160, 255])
+    runs = tmp_path / "runs"
+    out = _octlightning("fit", "--config", FOUNDATION, "--data.init_args.root", str(root),
+                        "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    message = out.stderr.strip().splitlines()[-1]
+    assert message.startswith("octlightning: config error: weights file not found: pretrained/mirage_base.pth (= /")
+    assert "--model.init_args.net.init_args.weights" in message and "mode finetune" in message, message
+    assert not runs.exists()
+
+
 def test_a_config_that_contradicts_the_data_fails_before_training_naming_both_values(tmp_path, drive_root):
     runs = tmp_path / "runs"
     out = _octlightning(

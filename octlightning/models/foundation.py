@@ -30,6 +30,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -40,6 +41,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from octlightning.checkpoints import load_state_dict
+from octlightning.errors import ConfigError
 
 Preset = Literal["mirage-base", "mirage-large", "retfound", "tiny"]
 
@@ -340,6 +342,12 @@ class FoundationSegNet(nn.Module):
             raise ValueError(f"decoder must be 'convnext' or 'linear', got {decoder!r}")
         self.load_report: LoadReport | None = None
         if weights is not None:
+            if not Path(weights).is_file():  # the recipe names a file that only the user has
+                raise ConfigError(
+                    f"weights file not found: {weights} (= {Path(weights).resolve()}); set "
+                    f"--model.init_args.net.init_args.weights to your local {preset} encoder weights, or to null "
+                    f"with --model.init_args.net.init_args.mode finetune to train the encoder from a random start"
+                )
             self.load_report = load_encoder_weights(
                 self.encoder, weights, weights_key, preset_key_map if key_map is None else key_map
             )

@@ -21,14 +21,14 @@ def _looks_like_path(weights: str) -> bool:
     return Path(weights).is_file() or Path(weights).suffix != "" or os.sep in weights or "/" in weights
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+def load_encoder_weights(encoder: nn.Module, path: str | Path, option: str | None = None) -> None:
     """Load a local weights file into an smp encoder; every encoder tensor must be given.
 
     Keys are matched under the prefix (see ``_ENCODER_PREFIXES``) that covers most encoder keys;
     extra keys (a classifier head, the decoder of a whole model) are ignored. A file that matches no
     key, leaves encoder tensors unset, or has tensors of the wrong shape is an error naming the file.
     """
-    state = load_state_dict(path)
+    state = load_state_dict(path, option=option)
     own = encoder.state_dict()
 
     def under(prefix: str) -> dict[str, Tensor]:
@@ -100,7 +100,7 @@ class SMPNet(nn.Module):
                 f"({type(err).__name__}). Go online and set HF_HUB_OFFLINE=0, or give a local weights file."
             ) from err
         if local:
-            load_encoder_weights(self.model.encoder, encoder_weights)
+            load_encoder_weights(self.model.encoder, encoder_weights, "--model.init_args.net.init_args.encoder_weights")
             self.model.encoder.set_in_channels(in_channels, pretrained=True)
         # Read by FreezeBackbone: freezing a random encoder teaches nothing.
         self.pretrained_encoder = encoder_weights is not None

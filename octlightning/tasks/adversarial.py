@@ -72,7 +72,7 @@ class AdversarialTask(SegmentationTask):
 
     def load_segmenter(self, path: str) -> None:
         """Load segmenter weights from a SegmentationTask checkpoint or a plain network state dict."""
-        state = load_state_dict(path)
+        state = load_state_dict(path, option="--model.init_args.segmentation_checkpoint")
         if any(k.startswith("net.") for k in state):
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         missing, unexpected = self.net.load_state_dict(state, strict=False)
