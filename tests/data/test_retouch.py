@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ def test_preprocessing_cache_is_reused_and_rebuilt_when_settings_or_files_change
     assert _dm(root, cache).store().path not in (first, changed)
 
 
-def test_predict_dir_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path):
+def test_predict_dir_cases_are_matched_to_the_training_reference(retouch_root, cache_dir, tmp_path, caplog):
     other = tmp_path / "new_cases"
     image, _ = synthetic_case(np.random.default_rng(5), sixteen_bit=False)
     write_mhd(image, other / "NEW_Topcon_01" / "oct.mhd")
@@ -147,8 +148,23 @@ def test_predict_dir_cases_are_matched_to_the_training_reference(retouch_root, c
     assert dm.predict_store().path != dm.store().path
     # without predict_dir, predict takes the root's cases without reference
     dm = _dm(retouch_root, cache_dir)
-    dm.setup("predict")
+    with caplog.at_level("INFO"):
+        dm.setup("predict")
     assert {case for case, _ in dm.predict_set.items} == {"TEST001"}
+    assert f"predicting the cases without reference.mhd of {retouch_root}: ['TEST001']" in caplog.text
+    # ... and, where every case has a reference, the test cases: said, as which ones are (never silently)
+    labelled_only = tmp_path / "labelled_only"
+    shutil.copytree(retouch_root, labelled_only)
+    for case in list(labelled_only.rglob("TEST001")):
+        shutil.rmtree(case)
+    dm = _dm(labelled_only, cache_dir)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        dm.setup("predict")
+    test_cases = dm.split()["test"]
+    assert sorted({case for case, _ in dm.predict_set.items}) == test_cases
+    assert f"predicting the test cases (every case has a reference.mhd) of {labelled_only}: {test_cases}" in caplog.text
+    assert f"cases by split (seed {dm.seed}): train" in caplog.text and f"test {test_cases}" in caplog.text
 
 
 def test_patches_honour_the_positive_ratio_and_are_centred_in_the_roi(retouch_root, cache_dir):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from octlightning.data.base import BaseDataModule, make_pad_collate, split_indices
 from octlightning.data.retouch.cases import FLUIDS, VENDORS, RetouchCase, canonical_vendor, find_cases
 from octlightning.data.retouch.datasets import RetouchPatchDataset, RetouchSliceDataset
@@ -125,6 +127,7 @@ class RetouchDataModule(BaseDataModule):
         self.pad_to = pad_to
         self._store: VolumeStore | None = None
         self._other_stores: dict[str, VolumeStore] = {}  # predict_dir and test_dir, preprocessed
+        self._split_said = False
 
     # ----------------------------------------------------------------- what the model must agree with
     @property
@@ -206,7 +209,13 @@ class RetouchDataModule(BaseDataModule):
             parts["train"] += [pool[i] for i in idx[0]]
             for (part, _), sel in zip(drawn, idx[1:], strict=True):
                 parts[part] += [pool[i] for i in sel]
-        return {k: sorted(v) for k, v in parts.items()}
+        parts = {k: sorted(v) for k, v in parts.items()}
+        # the held-out cases are what a result is reported on: name them (once per DataModule)
+        if not self._split_said:
+            self._split_said = True
+            said = "; ".join(f"{k} {v}" for k, v in parts.items())
+            rank_zero_info(f"RetouchDataModule: {self.root}: cases by split (seed {self.seed}): {said}")
+        return parts
 
     # ----------------------------------------------------------------- stages
     def setup(self, stage: str) -> None:
@@ -256,12 +265,17 @@ class RetouchDataModule(BaseDataModule):
                 cases = sorted(pstore.cases)
             else:
                 pstore = store
-                cases = sorted(c.name for c in store.cases.values() if not c.labelled) or parts["test"]
+                cases = sorted(c.name for c in store.cases.values() if not c.labelled)
+                which = "the cases without reference.mhd"
+                if not cases:
+                    cases, which = parts["test"], "the test cases (every case has a reference.mhd)"
             if not cases:
                 raise DataError(
                     f"{self.root}: nothing to predict: no case without reference.mhd, no test cases; "
                     f"set predict_dir, test_cases or test_fraction"
                 )
+            where = f"every case of {self.predict_dir}" if self.predict_dir else f"{which} of {self.root}"
+            rank_zero_info(f"RetouchDataModule: predicting {where}: {cases}")
             self.predict_set = RetouchSliceDataset(pstore, cases, self.in_channels)
 
     def collate_fn(self, train: bool):
