@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from octlightning.callbacks import FreezeBackbone
 from octlightning.cli import run_cli
 from octlightning.data.mask_folder import ISIC_TRAIN, ISIC_VAL, MaskFolderDataModule
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 from octlightning.metrics import confusion_counts, scores_from_counts, thresholded_jaccard
 from octlightning.models.smp_net import SMPNet
 from octlightning.tasks.segmentation import SegmentationTask
@@ -240,7 +240,7 @@ def test_smpnet_loads_encoder_weights_from_a_local_file(tmp_path):
     torch.save({k: v for k, v in source.items() if not k.startswith("layer4")}, partial)
     with pytest.raises(ValueError, match="partial.pth.*not in the file"):
         SMPNet("DeepLabV3Plus", "resnet18", encoder_weights=str(partial))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match=r"missing.pth .*set --model.init_args.net.init_args.encoder_weights"):
         SMPNet("DeepLabV3Plus", "resnet18", encoder_weights=str(tmp_path / "missing.pth"))
 
 
