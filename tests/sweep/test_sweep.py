@@ -213,18 +213,26 @@ def test_ctrl_c_stops_every_child_and_its_processes(tmp_path, drive_root, monkey
     def pid_files() -> list[Path]:
         return [f for f in pids_dir.iterdir() if f.suffix != ".tmp"]
 
+    sweep_ended, pressed = threading.Event(), []
+
     def press_ctrl_c() -> None:
-        # Only once both children run: a Ctrl-C while the sweep still checks its runs (slow on a loaded
-        # machine) is not what this test is about. The stand-ins end by themselves after 120 s.
-        deadline = time.monotonic() + 100
-        while len(pid_files()) < 2 and time.monotonic() < deadline:
+        # Only once both children run: a Ctrl-C while the sweep still checks its runs is not what this
+        # test is about. No deadline: on a loaded CI machine those checks took longer than the 100 s this
+        # thread used to wait, it gave up, and the sweep ran to its end (exit 0). The stand-ins sleep
+        # 120 s after writing their pid files, so the sweep is still running when this presses Ctrl-C.
+        while len(pid_files()) < 2 and not sweep_ended.is_set():
             time.sleep(0.05)
-        if len(pid_files()) == 2:
+        if not sweep_ended.is_set():
+            pressed.append(time.monotonic())
             os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
-    code = main([str(path), "--root", str(tmp_path / "runs"), "--slots", "2", "--grace", "0.5"])
-    assert code == 130
+    try:
+        code = main([str(path), "--root", str(tmp_path / "runs"), "--slots", "2", "--grace", "0.5"])
+    finally:
+        sweep_ended.set()
+    assert pressed, f"the sweep ended before both children had written their pid files: {list(pids_dir.iterdir())}"
+    assert code == 130, f"Ctrl-C pressed, SIGINT handler {signal.getsignal(signal.SIGINT)!r}"
     pids = [int(p) for f in pid_files() for p in f.read_text().split()]
     assert len(pids) == 4
     time.sleep(0.2)
