@@ -222,7 +222,9 @@ class OctLightningCLI(LightningCLI):
                     f"--version (and --experiment), or give --ckpt_path the checkpoint file"
                 )
             self._set_ckpt_path(str(last))
-        elif not self._names_another_run() and self.subcommand in STAGE_FOLDERS:
+        elif ckpt_path and str(ckpt_path) not in ("best", "hpc") and "registry" not in str(ckpt_path):
+            self._require_checkpoint_file(Path(ckpt_path))
+        if ckpt_path != "last" and not self._names_another_run() and self.subcommand in STAGE_FOLDERS:
             owner = checkpoint_run_dir(ckpt_path)
             # A checkpoint from under another runs root (--trainer.default_root_dir) is not "this" run.
             if owner is not None and owner.parent.parent.resolve() == root.resolve():
@@ -230,6 +232,18 @@ class OctLightningCLI(LightningCLI):
         version = version or next_version(root / name)
         os.environ[RUN_DIR_ENV] = str(root / name / version)
         return root, name, version
+
+    @staticmethod
+    def _require_checkpoint_file(path: Path) -> None:
+        """A ConfigError naming ``--ckpt_path`` and the checkpoints that do exist beside it, before any
+        run folder or logger is made (a run that never validated has a last.ckpt but no best.ckpt)."""
+        if path.is_file():
+            return
+        there = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        hint = f"; {path.parent} holds {', '.join(there)}" if there else ""
+        if path.name == "best.ckpt" and "last.ckpt" in there:
+            hint += " (best.ckpt is written at the first validation: this run had none; use last.ckpt)"
+        raise ConfigError(f"--ckpt_path {path}: no such checkpoint file{hint}")
 
     def _names_another_run(self) -> bool:
         """Whether ``--version``/``--experiment`` name a run folder other than the checkpoint's own.
@@ -432,7 +446,10 @@ class OctLightningCLI(LightningCLI):
             print(f"octlightning: {self.subcommand}: {what} in {folder}", file=sys.stderr)
 
     def after_fit(self) -> None:
-        self._say_where("checkpoints (best.ckpt, last.ckpt)", self.run_dir / "checkpoints")
+        folder = self.run_dir / "checkpoints"
+        names = sorted(p.name for p in folder.glob("*.ckpt"))
+        missing = "" if "best.ckpt" in names else "; no best.ckpt: no validation ran, test/predict its last.ckpt"
+        self._say_where(f"checkpoints ({', '.join(names) or 'none'}{missing})", folder)
 
     def after_test(self) -> None:
         self._say_where("metrics.csv and per-sample tables", Path(self.trainer.default_root_dir))

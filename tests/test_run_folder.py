@@ -94,6 +94,17 @@ def test_testing_into_the_fit_s_own_version_keeps_its_config_yaml(drive_root, tm
     assert any(r.get("test/dice") for r in csv.DictReader(open(run / "metrics.csv")))
 
 
+def test_a_run_that_never_validated_says_so_and_test_of_its_best_ckpt_names_last_ckpt(drive_root, tmp_path, capsys):
+    run_cli(_args("fit", drive_root, tmp_path, "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "2",
+                  "--comet", "false", "--version", "short"))  # fmt: skip
+    run = tmp_path / "vessel_unet" / "short"
+    # it announced "checkpoints (best.ckpt, last.ckpt)", and README's test command then met a traceback
+    assert "checkpoints (last.ckpt; no best.ckpt: no validation ran" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"best.ckpt: no such checkpoint file; .* holds last.ckpt .*use last.ckpt"):
+        run_cli(_args("test", drive_root, tmp_path, "--ckpt_path", str(run / "checkpoints" / "best.ckpt")))
+    assert not (run / "test").exists()  # stopped before any logger or Comet archive
+
+
 def test_ckpt_path_last_resumes_the_latest_version_or_names_version(drive_root, tmp_path):
     common = ["--comet", "false", "--trainer.check_val_every_n_epoch", "1", "--checkpoint_every_s", "0"]
     with pytest.raises(ConfigError, match="--version"):
