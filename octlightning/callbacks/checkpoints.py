@@ -82,7 +82,7 @@ class LastCheckpoint(ModelCheckpoint):
         )
         if not sigterm or trainer.state.fn != TrainerFn.FITTING:
             return
-        type(self).stopped_by_sigterm = True
+        LastCheckpoint.stopped_by_sigterm = True  # on the class main() reads, also from a subclass
         _stop_raising_loader_worker_deaths()
         if self.dirpath is None:
             return
