@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_registry import _is_registry
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays
@@ -53,9 +54,15 @@ TRAINER_DEFAULTS: dict[str, Any] = {"log_every_n_steps": 5, "default_root_dir": 
 SEED_DEFAULT = 42
 
 
+def is_checkpoint_keyword(ckpt_path: str | os.PathLike) -> bool:
+    """Whether ``ckpt_path`` is one of Lightning's ``ckpt_path`` keywords rather than a file:
+    ``"best"``, ``"last"``, ``"hpc"``, or a model-registry reference (``"registry"``, ``"registry:..."``)."""
+    return str(ckpt_path) in ("best", "last", "hpc") or _is_registry(str(ckpt_path))
+
+
 def checkpoint_run_dir(ckpt_path: str | os.PathLike | None) -> Path | None:
     """The run folder a checkpoint belongs to (``<run>/checkpoints/<name>.ckpt`` -> ``<run>``), else None."""
-    if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry"):
+    if not ckpt_path or is_checkpoint_keyword(ckpt_path):
         return None
     path = Path(ckpt_path)
     if path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
@@ -222,7 +229,7 @@ class OctLightningCLI(LightningCLI):
                     f"--version (and --experiment), or give --ckpt_path the checkpoint file"
                 )
             self._set_ckpt_path(str(last))
-        elif ckpt_path and str(ckpt_path) not in ("best", "hpc") and "registry" not in str(ckpt_path):
+        elif ckpt_path and not is_checkpoint_keyword(ckpt_path):
             self._require_checkpoint_file(Path(ckpt_path))
         if ckpt_path != "last" and not self._names_another_run() and self.subcommand in STAGE_FOLDERS:
             owner = checkpoint_run_dir(ckpt_path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from octlightning.check_data import main as check_data_main
-from octlightning.cli import run_cli
+from octlightning.cli import checkpoint_run_dir, is_checkpoint_keyword, run_cli
 from octlightning.data.mask_folder import ISIC_TEST, ISIC_TRAIN, ISIC_VAL
 from octlightning.errors import ConfigError, DataError
 from tests.conftest import REPO, TINY_VESSEL
@@ -103,6 +103,15 @@ def test_a_run_that_never_validated_says_so_and_test_of_its_best_ckpt_names_last
     with pytest.raises(ConfigError, match=r"best.ckpt: no such checkpoint file; .* holds last.ckpt .*use last.ckpt"):
         run_cli(_args("test", drive_root, tmp_path, "--ckpt_path", str(run / "checkpoints" / "best.ckpt")))
     assert not (run / "test").exists()  # stopped before any logger or Comet archive
+
+
+def test_lightnings_ckpt_path_keywords_are_not_checkpoint_files():
+    # Lightning resolves these itself (a registry reference in any case, as its _is_registry does);
+    # "no such checkpoint file" for them would stop a valid command
+    for keyword in ("best", "last", "hpc", "registry", "registry:unet", "REGISTRY:unet:v2"):
+        assert is_checkpoint_keyword(keyword) and checkpoint_run_dir(keyword) is None
+    for path in ("best.ckpt", "runs/x/version_0/checkpoints/last.ckpt", "my_registry.ckpt"):
+        assert not is_checkpoint_keyword(path)
 
 
 def test_ckpt_path_last_resumes_the_latest_version_or_names_version(drive_root, tmp_path):
