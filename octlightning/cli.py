@@ -334,7 +334,10 @@ class OctLightningCLI(LightningCLI):
         monitor = getattr(self.model, "monitor", None)
         mode = getattr(self.model, "monitor_mode", "min")
         user_checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-        if all(isinstance(c, LastCheckpoint) for c in user_checkpoints):  # a LastCheckpoint alone keeps best.ckpt
+        # Checkpoints and early stopping belong to fit: in test/predict they save nothing, and Lightning
+        # would restore the fit's callback states into them ("The dirpath has changed ..." warnings).
+        fitting = self.subcommand == "fit"
+        if fitting and all(isinstance(c, LastCheckpoint) for c in user_checkpoints):  # LastCheckpoint alone: add best
             # best.ckpt holds the weights only (a third of a full checkpoint: no optimiser state), as
             # it is written whenever validation improves; it is what test/predict load.
             callbacks.append(
@@ -347,7 +350,7 @@ class OctLightningCLI(LightningCLI):
                     auto_insert_metric_name=False,
                 )
             )
-        if not any(isinstance(c, LastCheckpoint) or c.save_last for c in user_checkpoints):
+        if fitting and not any(isinstance(c, LastCheckpoint) or c.save_last for c in user_checkpoints):
             # Separate from best.ckpt: Lightning 2.6 refreshes `save_last` only when a top-k checkpoint
             # was saved, so a run whose metric stops improving would resume from its best epoch.
             callbacks.append(LastCheckpoint(every_s=cfg.get("checkpoint_every_s", 60.0)))
@@ -363,11 +366,11 @@ class OctLightningCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         if cfg.get("overlay_every_n_epochs", 0) > 0:
             callbacks.append(LogOverlays(every_n_epochs=cfg["overlay_every_n_epochs"]))
-        if cfg.get("early_stopping_patience") is not None and monitor:
+        if fitting and cfg.get("early_stopping_patience") is not None and monitor:
             callbacks.append(
                 octlightning.callbacks.WarmupEarlyStopping(monitor, patience=cfg["early_stopping_patience"])
             )
-        if self.subcommand == "fit" and not any(isinstance(c, BeatConstantBaseline) for c in callbacks):
+        if fitting and not any(isinstance(c, BeatConstantBaseline) for c in callbacks):
             callbacks.append(BeatConstantBaseline())  # a run that learns nothing says so (every recipe)
         kwargs["callbacks"] = callbacks
         if self.subcommand != "fit" and log_dir == run_dir and (run_dir / "config.yaml").is_file():
