@@ -65,11 +65,14 @@ def summarize_dataset(dataset: Any, problems: list[DataError] | None = None) -> 
                 s["max"] = max(s["max"], float(finite.max()))
             if key in LABEL_KEYS and len(s["values"]) <= 32:
                 s["values"].update(torch.unique(finite).tolist())
-    return {"samples": n, "tensors": dict(stats)}
+    # A dataset whose samples are not files (random training patches) says what they are drawn from.
+    describe = getattr(dataset, "describe", None)
+    return {"samples": n, "tensors": dict(stats), "about": describe() if callable(describe) else None}
 
 
 def format_summary(split: str, summary: dict[str, Any]) -> list[str]:
-    lines = [f"{split}: {summary['samples']} samples"]
+    about = f" ({summary['about']})" if summary.get("about") else ""
+    lines = [f"{split}: {summary['samples']} samples{about}"]
     for key, s in summary["tensors"].items():
         shapes = sorted(s["shapes"])
         shape_text = str(shapes[0]) if len(shapes) == 1 else f"{len(shapes)} shapes, {shapes[0]} .. {shapes[-1]}"

@@ -112,6 +112,12 @@ class FundusDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) * self.patches_per_image
 
+    def describe(self) -> str | None:
+        """What one epoch's samples are when there are more than images (``check-data`` prints it)."""
+        if self.patches_per_image == 1:
+            return None
+        return f"{self.patches_per_image} random crops from each of {len(self.records)} images, drawn every epoch"
+
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index % len(self.records)]
         image, fov = rec.image, rec.fov

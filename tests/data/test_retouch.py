@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from octlightning.check_data import check_datamodule
 from octlightning.cli import run_cli
 from octlightning.data.retouch import RetouchDataModule, find_cases, fluid_window_counts
 from octlightning.errors import DataError
@@ -194,6 +195,16 @@ def test_patches_honour_the_positive_ratio_and_are_centred_in_the_roi(retouch_ro
         replay[3]["image"], samples[3]["image"]
     )
     assert {tuple(ds[i]["centre"].tolist()) for i in range(20)} != {tuple(s["centre"].tolist()) for s in samples[:20]}
+
+
+def test_check_data_says_the_training_samples_are_patches_of_how_many_cases(retouch_root, cache_dir):
+    dm = _dm(retouch_root, cache_dir, positive_fraction=0.25, patches_per_epoch=40)
+    lines = check_datamodule(dm)
+    # was "train: 40 samples", read as 40 B-scans or cases
+    n_cases = len(dm.split()["train"])
+    assert lines[0].startswith(f"train: 40 samples (random {PATCH[0]}x{PATCH[1]} patches, drawn anew every epoch "
+                               f"from {n_cases} cases (")  # fmt: skip
+    assert lines[0].endswith("B-scans), 10 centred on fluid)")
 
 
 def test_fluid_window_counts_match_brute_force():

@@ -139,6 +139,14 @@ class RetouchPatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def describe(self) -> str:
+        """What one epoch's samples are (``check-data`` prints it beside the sample count)."""
+        cases = sorted({case for case, _ in self.slices})
+        return (
+            f"random {self.patch[0]}x{self.patch[1]} patches, drawn anew every epoch from {len(cases)} cases "
+            f"({len(self.slices)} B-scans), {self.n_positive} centred on fluid"
+        )
+
     def centres(self, case: str, z: int, k: int | None) -> np.ndarray:
         """Flat indices of the pixels a patch may be centred on in B-scan ``z`` of ``case``: pixels of
         fluid class ``k`` (0: any fluid), or for ``k=None`` retina (ROI) pixels whose patch holds no fluid.
