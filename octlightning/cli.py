@@ -36,7 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.model_registry import _is_registry
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
-from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays
+from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays, SigtermStop
 from octlightning.errors import ConfigError
 from octlightning.links import link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
@@ -370,6 +370,8 @@ class OctLightningCLI(LightningCLI):
             callbacks.append(
                 octlightning.callbacks.WarmupEarlyStopping(monitor, patience=cfg["early_stopping_patience"])
             )
+        if not any(isinstance(c, SigtermStop) for c in callbacks):
+            callbacks.append(SigtermStop())  # a command SIGTERM stopped exits 143, not 0 (see commands.main)
         if fitting and not any(isinstance(c, BeatConstantBaseline) for c in callbacks):
             callbacks.append(BeatConstantBaseline())  # a run that learns nothing says so (every recipe)
         kwargs["callbacks"] = callbacks

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             run_cli(null_means_none(argv))
     except BaseException as err:
-        from octlightning.callbacks import LastCheckpoint
+        from octlightning.callbacks import LastCheckpoint, SigtermStop
 
         user_error = _users_to_fix(err)
         if user_error is not None:
@@ -135,13 +135,17 @@ def main(argv: list[str] | None = None) -> None:
             kind = "data" if isinstance(user_error, DataError) else "config"
             print(f"octlightning: {kind} error: {_one_line(user_error)}", file=sys.stderr)
             sys.exit(1)
-        if not LastCheckpoint.stopped_by_sigterm:
+        if SigtermStop.stopped is None and not LastCheckpoint.stopped_by_sigterm:
             raise
-        # Stopped on purpose (timeout, scancel, a sweep's Ctrl-C) and saved: not a crash to debug (the
-        # error is the loader workers' death from the same signal), nor a success (Lightning's own
-        # SIGTERMException is a SystemExit with status 0, so `timeout ... fit && test` went on to test).
-        # The status is that of a process SIGTERM ended, 128 + 15.
-        print("octlightning: fit stopped by SIGTERM; the same command with its --version resumes it", file=sys.stderr)
+        # Stopped on purpose (timeout, scancel, a sweep's Ctrl-C): not a crash to debug (the error is the
+        # loader workers' death from the same signal), nor a success (Lightning's own SIGTERMException is a
+        # SystemExit with status 0, so `timeout ... fit && test` went on to test an unfinished run, and a
+        # test that wrote no results passed). The status is that of a process SIGTERM ended, 128 + 15.
+        if LastCheckpoint.stopped_by_sigterm:
+            said = "fit stopped by SIGTERM; the same command with its --version resumes it"
+        else:
+            said = f"{SigtermStop.stopped} stopped by SIGTERM before it finished; its results are incomplete"
+        print(f"octlightning: {said}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
 
 

@@ -65,3 +65,12 @@ class KillAfterLastCheckpoint(LastCheckpoint):
         if trainer.current_epoch == self.epochs:  # the checkpoint records epochs 0 .. epochs - 1
             os.kill(os.getpid(), signal.SIGKILL)
         return path
+
+
+class SigtermDuringTest(L.Callback):
+    """Sends SIGTERM to its own process group after the first test batch, as ``timeout``, ``scancel`` or
+    a sweep's Ctrl-C would in the middle of ``octlightning test`` (no timing: always at that batch)."""
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            os.killpg(os.getpgid(0), signal.SIGTERM)

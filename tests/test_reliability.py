@@ -156,6 +156,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_one_line(drive_root, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_test_stopped_by_sigterm_exits_with_sigterms_status_and_one_line(drive_root, tmp_path, workers):
+    """Lightning stops test after the batch in progress with its SIGTERMException, a SystemExit of status
+    0: `timeout ... test && report` went on to report, and a sweep called the stage done, without any
+    test_metrics.csv."""
+    run_cli(_fit_args(drive_root, tmp_path, "t", 1))
+    run = tmp_path / "vessel_unet" / "t"
+    args = _fit_args(drive_root, tmp_path, "t", 1, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    args = ["test", *args[1:], "--data.init_args.eval_batch_size", "1", "--data.init_args.num_workers", str(workers)]
+    proc = _start([*args, "--trainer.callbacks+=tests.fault_injection.SigtermDuringTest"])
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "octlightning: test stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+    assert not list(run.rglob("test_metrics.csv"))
+
+
+@pytest.mark.slow
 def test_one_failing_ddp_rank_ends_every_rank_with_the_original_error(drive_root, tmp_path):
     args = _fit_args(drive_root, tmp_path, "fault", 5, "--trainer.devices", "2", "--trainer.strategy", "ddp")
     args += ["--model.init_args.net.init_args.batch_norm", "false"]

@@ -4,6 +4,7 @@ Configs name them by this package (``"class_path": "octlightning.callbacks.Freez
 callback may move between the modules below without breaking a config:
 
 - :mod:`.checkpoints`: :class:`LastCheckpoint`, the resumable ``last.ckpt``.
+- :mod:`.sigterm`: :class:`SigtermStop`, which command SIGTERM stopped (for the exit status).
 - :mod:`.finetuning`: :class:`FreezeBackbone`, the pretrained encoder frozen, then fine-tuned.
 - :mod:`.training_checks`: :class:`WarmupEarlyStopping`, :class:`BeatConstantBaseline` and the
   :func:`constant_prediction_loss` it compares with.
@@ -14,6 +15,7 @@ callback may move between the modules below without breaking a config:
 from octlightning.callbacks.checkpoints import LastCheckpoint
 from octlightning.callbacks.finetuning import FreezeBackbone
 from octlightning.callbacks.scores import ThresholdedJaccard
+from octlightning.callbacks.sigterm import SigtermStop
 from octlightning.callbacks.training_checks import BeatConstantBaseline, WarmupEarlyStopping, constant_prediction_loss
 from octlightning.callbacks.writers import LogOverlays, WriteMiragePredictions, WriteVolumes
 
@@ -22,6 +24,7 @@ __all__ = [
     "FreezeBackbone",
     "LastCheckpoint",
     "LogOverlays",
+    "SigtermStop",
     "ThresholdedJaccard",
     "WarmupEarlyStopping",
     "WriteMiragePredictions",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from octlightning.callbacks.sigterm import ended_by_sigterm, stop_raising_loader_worker_deaths
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -70,20 +70,11 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.trainer.states import TrainerFn
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        # A SIGTERM to the process group (timeout, a terminal's Ctrl-C, scancel) also kills the loader
-        # workers, and the main process may raise their death (torch's RuntimeError "DataLoader worker
-        # ... is killed by signal: Terminated") before its own handler has run.
-        sigterm = (
-            isinstance(exception, SIGTERMException)
-            or getattr(trainer, "received_sigterm", False)
-            or "killed by signal: Terminated" in str(exception)
-        )
-        if not sigterm or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != TrainerFn.FITTING or not ended_by_sigterm(trainer, exception):
             return
         LastCheckpoint.stopped_by_sigterm = True  # on the class main() reads, also from a subclass
-        _stop_raising_loader_worker_deaths()
+        stop_raising_loader_worker_deaths()  # before the save: see there
         if self.dirpath is None:
             return
         path = self._save_now(trainer)
@@ -100,16 +91,3 @@ class LastCheckpoint(ModelCheckpoint):
         self._last_save_time = time.monotonic()
         self._due = False
         return path
-
-
-def _stop_raising_loader_worker_deaths() -> None:
-    """Let the run stop without torch raising each loader worker's death at whatever line runs next.
-
-    torch's DataLoader installs a SIGCHLD handler in the main process that raises ``RuntimeError:
-    DataLoader worker ... is killed by signal`` from inside the signal handler. After a SIGTERM to the
-    process group every worker (training and validation loaders) dies, and the second death arrived
-    while ``last.ckpt`` was being pickled: the save failed and the run was lost. The process is
-    stopping; the workers' deaths are expected, so SIGCHLD goes back to its default (ignored).
-    """
-    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
