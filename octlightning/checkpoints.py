@@ -56,3 +56,52 @@ def load_state_dict(path: str | Path, key: str | None = None, option: str | None
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a dictionary of tensors (a state dict)")
     return obj
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def require_checkpoint_fits(path: str | Path, model: torch.nn.Module, hint: str = "") -> None:
+    """Check that the Lightning checkpoint ``path`` was written by ``model``'s task and network, before
+    anything is run: otherwise Lightning fails at its load with a traceback listing every weight name.
+
+    Compares the task class the checkpoint records (``hyper_parameters._class_path``, written by
+    LightningCLI) and the names and shapes of its ``state_dict`` with ``model``'s. A file that
+    ``weights_only`` loading refuses, or a module with ``strict_loading = False``, is left to Lightning.
+
+    Raises:
+        ConfigError: naming ``--ckpt_path``, what the checkpoint holds and what this config builds, then
+            ``hint`` (e.g. the config of the run the checkpoint came from).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError):
+        return
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict){hint}")
+    written_by = (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    if written_by and written_by != _class_path(model):
+        raise ConfigError(
+            f"--ckpt_path {path}: a checkpoint of {written_by}, but this config's model is {_class_path(model)}{hint}"
+        )
+    if not getattr(model, "strict_loading", True):
+        return
+    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if isinstance(v, Tensor)}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    reshaped = [f"{k} {theirs[k]} here {ours[k]}" for k in ours if k in theirs and theirs[k] != ours[k]]
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{len(names)} {what} (e.g. {', '.join(names[:2])})"
+            for names, what in (
+                (missing, "weights of this network not in it"),
+                (unexpected, "weights this network lacks"),
+                (reshaped, "of another shape"),
+            )
+            if names
+        ]
+        raise ConfigError(
+            f"--ckpt_path {path}: its network is not the one this config builds: {'; '.join(parts)}{hint}"
+        )

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.model_registry import _is_registry
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays, SigtermStop
+from octlightning.checkpoints import require_checkpoint_fits
 from octlightning.errors import ConfigError
 from octlightning.links import link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
@@ -252,6 +253,18 @@ class OctLightningCLI(LightningCLI):
             hint += " (best.ckpt is written at the first validation: this run had none; use last.ckpt)"
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file{hint}")
 
+    def _require_checkpoint_of_this_model(self, ckpt_path: str | None) -> None:
+        """A ConfigError before any run folder when ``--ckpt_path`` holds another task or network (another
+        recipe's run, other net options), naming the config of the run it came from."""
+        if not ckpt_path or is_checkpoint_keyword(ckpt_path):
+            return
+        owner = checkpoint_run_dir(ckpt_path)
+        if owner is not None:
+            hint = f"; it comes from the run {owner}: use that run's config (--config {owner / 'config.yaml'})"
+        else:
+            hint = "; give a checkpoint written with this config's model and net options"
+        require_checkpoint_fits(ckpt_path, self.model, hint)
+
     def _names_another_run(self) -> bool:
         """Whether ``--version``/``--experiment`` name a run folder other than the checkpoint's own.
 
@@ -293,6 +306,7 @@ class OctLightningCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         root, name, version = self._run_location()
         run_dir = root / name / version
+        self._require_checkpoint_of_this_model(cfg.get("ckpt_path"))
         self.run_dir = run_dir
         work_dir, log_dir = self.stage_dir(run_dir)
         if self.subcommand in ("fit", "validate", "test", "predict"):

@@ -16,6 +16,7 @@ from octlightning.data.mask_folder import ISIC_TEST, ISIC_TRAIN, ISIC_VAL
 from octlightning.errors import ConfigError, DataError
 from tests.conftest import REPO, TINY_VESSEL
 from tests.fixtures.isic import write_isic_layout
+from tests.fixtures.oct_layers import write_oct_h5
 
 VESSEL = str(REPO / "hparams" / "vessel_unet.json")
 ISIC = str(REPO / "hparams" / "isic_deeplabv3plus.json")
@@ -109,6 +110,27 @@ def test_a_run_that_never_validated_says_so_and_test_of_its_best_ckpt_names_last
     with pytest.raises(ConfigError, match=r"best.ckpt: no such checkpoint file; .* holds last.ckpt .*use last.ckpt"):
         run_cli(_args("test", drive_root, tmp_path, "--ckpt_path", str(run / "checkpoints" / "best.ckpt")))
     assert not (run / "test").exists()  # stopped before any logger or Comet archive
+
+
+def test_a_checkpoint_of_another_recipe_is_a_config_error_naming_its_run(fitted, tmp_path):
+    """It was a 12 KB traceback of weight names from Lightning's load, after a run folder and a Comet
+    archive had been made."""
+    ckpt = str(fitted / "checkpoints" / "best.ckpt")
+    runs = tmp_path / "runs"
+    common = ["--data.init_args.root", str(tmp_path), "--trainer.default_root_dir", str(runs), "--ckpt_path", ckpt]
+    # the same task (segmentation), another network
+    isic = ["test", "--config", ISIC, "--model.init_args.net.init_args.encoder_name", "resnet18", *common]
+    with pytest.raises(ConfigError, match=r"best.ckpt: its network is not the one this config builds: \d+ weights"):
+        run_cli(isic)
+    # another task; the message names the config that fits the checkpoint
+    oct_layers = ["test", "--config", str(REPO / "hparams" / "oct_unet.json"), *common]
+    oct_layers += ["--data.init_args.root", str(write_oct_h5(tmp_path / "oct.h5"))]  # read by the data links
+    with pytest.raises(ConfigError) as err:
+        run_cli(oct_layers)
+    assert "a checkpoint of octlightning.tasks.segmentation.SegmentationTask, but this config's model is " \
+        "octlightning.tasks.layer_regression.LayerRegressionTask" in str(err.value)  # fmt: skip
+    assert f"--config {fitted / 'config.yaml'}" in str(err.value)
+    assert not runs.exists() and sorted(p.name for p in fitted.iterdir() if p.name == "test") == []
 
 
 def test_lightnings_ckpt_path_keywords_are_not_checkpoint_files():
