@@ -106,6 +106,8 @@ class FreezeBackbone(BaseFinetuning):
         return list(self.filter_params(self.backbone_module(pl_module), train_bn=self.train_bn, requires_grad=True))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":  # nothing trains: nothing to freeze, and nothing to say (test/predict printed it)
+            return
         if self.only_if_pretrained and self.unfreeze_at_epoch > 0 and self.encoder_is_pretrained(pl_module) is False:
             rank_zero_info(
                 f"FreezeBackbone: {self.backbone} was not loaded from pretrained weights; it trains from the "

@@ -4,6 +4,7 @@ Jaccard, and the recipe through the CLI."""
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -365,11 +366,15 @@ def _cli(subcommand: str, root: Path, runs: Path, *extra: str):
     )
 
 
-def test_recipe_fit_test_predict_through_the_cli(isic_root, tmp_path):
+def test_recipe_fit_test_predict_through_the_cli(isic_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     cli = _cli("fit", isic_root, tmp_path, "--trainer.fast_dev_run", "true")
     assert isinstance(cli.model.net, SMPNet) and cli.model.net.model.__class__.__name__ == "DeepLabV3Plus"
     assert any(isinstance(c, FreezeBackbone) for c in cli.trainer.callbacks)  # from the JSON callbacks list
     assert cli.model.net.encoder.conv1.weight.requires_grad  # a random encoder is not frozen (issue 18)
+    not_frozen = "was not loaded from pretrained weights; it trains from the first epoch"
+    assert not_frozen in caplog.text
+    caplog.clear()
 
     cli = _cli("test", isic_root, tmp_path, "--trainer.fast_dev_run", "true")
     (csv_path,) = tmp_path.rglob("test_metrics.csv")
@@ -387,6 +392,7 @@ def test_recipe_fit_test_predict_through_the_cli(isic_root, tmp_path):
         for kind in ("mask", "prob", "overlay"):
             assert Image.open(out / f"{sid}_{kind}.png").size == (w, h), (sid, kind)
         assert set(np.unique(np.asarray(Image.open(out / f"{sid}_mask.png")))) <= {0, 255}
+    assert not_frozen not in caplog.text  # nothing trains in test or predict: it was said there too
 
 
 # ----------------------------------------------------------------------------- real data
