@@ -424,14 +424,22 @@ class OctLightningCLI(LightningCLI):
         if "weights_only" in cfg and cfg["weights_only"] is None:
             cfg["weights_only"] = True
 
-    def before_validate(self) -> None:
+    def _evaluate_a_checkpoint(self) -> None:
+        """What validate, test and predict do before they load ``--ckpt_path``."""
         self._load_checkpoints_safely()
+        # A fit's checkpoint holds its training callbacks' states (checkpointing, early stopping), which
+        # only a fit restores; Lightning's "callbacks used to create the checkpoint need to be provided"
+        # concerns resuming, not evaluating.
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
+
+    def before_validate(self) -> None:
+        self._evaluate_a_checkpoint()
 
     def before_test(self) -> None:
-        self._load_checkpoints_safely()
+        self._evaluate_a_checkpoint()
 
     def before_predict(self) -> None:
-        self._load_checkpoints_safely()
+        self._evaluate_a_checkpoint()
         # Tasks write their predictions to the run folder (and callbacks get each batch's outputs);
         # collecting every batch's outputs in memory as well would only grow with the dataset.
         cfg = self.config_init["predict"]
