@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -246,6 +247,19 @@ class BaseDataModule(L.LightningDataModule):
                     f"{where}: not found (no such file or folder); set --data.init_args.{option} to the dataset "
                     f"{type(self).__name__} reads"
                 )
+
+    def warn_unused_test_split(self, held_out: str) -> None:
+        """Warn, when ``test_dir`` is set, that the test split ``test_fraction`` drew from ``root``
+        (``held_out`` names it, e.g. ``"subjects [1] (11 B-scans)"``) is neither trained on nor tested.
+
+        Subclasses call it where their split draws a test part by fraction."""
+        if self.test_dir is not None:
+            warnings.warn(
+                f"{type(self).__name__}: test scores test_dir {self.test_dir}, so {held_out}, held out of root by "
+                f"test_fraction {self.test_fraction}, is neither trained on nor tested; set "
+                f"--data.init_args.test_fraction 0 to train on it",
+                stacklevel=2,
+            )
 
     # Subclasses override to pad variable-size samples; default stacks equal-size samples.
     def collate_fn(self, train: bool):

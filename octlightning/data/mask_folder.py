@@ -313,6 +313,8 @@ class MaskFolderDataModule(BaseDataModule):
             }
             if has_val:
                 self._split["val"] = self._scan(self.val_dirs, True, "val")
+            if len(test):
+                self.warn_unused_test_split(f"the test split's {len(test)} images")
         return self._split
 
     def _held_out_pairs(self) -> list[MaskPair]:

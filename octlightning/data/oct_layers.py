@@ -382,6 +382,10 @@ class OCTLayerDataModule(BaseDataModule):
             groups = usable
         parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed)
         self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
+        test = self.splits["test"]
+        if len(test):
+            unit = f"subjects {sorted(set(index.subjects[test].tolist()))}" if split_by == "subject" else "B-scans"
+            self.warn_unused_test_split(f"the test split's {unit} ({len(test)} B-scans)")
         if split_by == "subject":  # the held-out subjects are what a result is reported on: name them
             held = "; ".join(
                 f"{name} {sorted(set(index.subjects[ids].tolist()))} ({len(ids)} B-scans)"

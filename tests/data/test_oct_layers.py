@@ -674,6 +674,21 @@ def test_test_dir_scores_every_bscan_of_another_file(h5file, tmp_path):
     assert len(dm.test_set) == N - 1 and dm.test_set.path == other  # every annotated B-scan (EMPTY has none)
 
 
+def test_test_dir_beside_a_test_fraction_warns_that_roots_test_subjects_are_lost(h5file, tmp_path):
+    """A new user's trial: with test_dir, the recipe's test_fraction still held subject 1 out of training,
+    and nothing tested it; nothing said so."""
+    other = write_layer_file(tmp_path / "held_out.h5", subject=None)
+    dm = _dm(h5file, test_dir=str(other), augment=False, test_fraction=0.25)
+    with pytest.warns(UserWarning, match=r"the test split's subjects \[\d.*held out of root by test_fraction 0.25, is "
+                      r"neither trained on nor tested; set --data.init_args.test_fraction 0"):  # fmt: skip
+        dm.setup("fit")
+    dm = _dm(h5file, test_dir=str(other), augment=False, test_fraction=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    assert not [w for w in caught if "test_fraction" in str(w.message)]
+
+
 def test_the_shape_error_suggests_the_axis_orders_of_a_duke_amd_export():
     """(H, W, N) images beside (N, W, L) layer maps: the fix is image_axes HWN with the default layer order
     (it once suggested HNW / WNL, which reads W B-scans N columns wide)."""

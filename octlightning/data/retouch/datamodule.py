@@ -210,6 +210,8 @@ class RetouchDataModule(BaseDataModule):
             for (part, _), sel in zip(drawn, idx[1:], strict=True):
                 parts[part] += [pool[i] for i in sel]
         parts = {k: sorted(v) for k, v in parts.items()}
+        if any(part == "test" for part, _ in drawn) and parts["test"]:
+            self.warn_unused_test_split(f"the test split's cases {parts['test']}")
         # the held-out cases are what a result is reported on: name them (once per DataModule)
         if not self._split_said:
             self._split_said = True
