@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -320,4 +321,7 @@ class BaseDataModule(L.LightningDataModule):
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self):
+        # What predict reads is said nowhere else (test says it of a test_dir, fit of its splits).
+        source = self.predict_dir if self.predict_dir is not None else f"{self.root} (predict_dir not set)"
+        rank_zero_info(f"{type(self).__name__}: predicting {len(self.predict_set)} samples of {source}")
         return self._loader(self.predict_set, train=False)

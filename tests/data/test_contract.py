@@ -7,6 +7,7 @@ Adding a DataModule means adding one entry to DATAMODULES (its fixture writes th
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,3 +129,11 @@ def test_test_dir_scores_every_annotated_sample_of_a_held_out_dataset(datamodule
     dm.setup("test")
     assert len(dm.test_set) == ALL_ANNOTATED[name]
     assert all({"mask", "coords"} & set(dm.test_set[i]) for i in range(len(dm.test_set)))  # scorable
+
+
+def test_predict_says_how_many_samples_of_which_dataset_it_predicts(datamodule, caplog):
+    caplog.set_level(logging.INFO)
+    datamodule.setup("predict")
+    datamodule.predict_dataloader()
+    n = len(datamodule.predict_set)
+    assert n and f"predicting {n} samples of {datamodule.root} (predict_dir not set)" in caplog.text
