@@ -313,6 +313,10 @@ class MaskFolderDataModule(BaseDataModule):
             }
             if has_val:
                 self._split["val"] = self._scan(self.val_dirs, True, "val")
+            own = [f"{split} from {self._present(dirs[0])}" for split, dirs, has in
+                   (("validation", self.val_dirs, has_val), ("test", self.test_dirs, has_test)) if has]  # fmt: skip
+            if own:  # the recipe's fractions give way to the layout's folders: say so
+                rank_zero_info(f"MaskFolderDataModule: the dataset's own split folders: {'; '.join(own)}")
             if len(test):
                 self.warn_unused_test_split(f"the test split's {len(test)} images")
         return self._split

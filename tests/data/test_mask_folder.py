@@ -57,7 +57,8 @@ def test_isic_layout_resizes_every_mask_kind_to_binary_and_keeps_the_original_si
     assert batch["file_size"].shape == (2, 2) and batch["image"].shape == (2, 3, 32, 40)
 
 
-def test_split_is_seeded_and_folders_win_over_fractions(isic_root, tmp_path):
+def test_split_is_seeded_and_folders_win_over_fractions(isic_root, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     ids = {}
     for seed in (1, 1, 2):
         dm = _dm(isic_root, seed=seed, val_fraction=0.34, test_fraction=0.34)
@@ -66,6 +67,8 @@ def test_split_is_seeded_and_folders_win_over_fractions(isic_root, tmp_path):
         # the test folder exists: test_fraction holds nothing out of the training images
         assert split["test"] == [] and len(split["train"]) == 4
     assert ids[1][0] == ids[1][1]
+    # said: the recipe's test_fraction was read as holding out images (a new user's trial)
+    assert f"the dataset's own split folders: test from {isic_root / 'ISIC2018_Task1-2_Test_Input'}" in caplog.text
     dm.setup("test")
     assert [p.id for p in dm.test_set.pairs] == ["ISIC_0000200", "ISIC_0000201"]
 
