@@ -350,7 +350,8 @@ class OctLightningCLI(LightningCLI):
         user_checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
         # Checkpoints and early stopping belong to fit: in test/predict they save nothing, and Lightning
         # would restore the fit's callback states into them ("The dirpath has changed ..." warnings).
-        fitting = self.subcommand == "fit"
+        # Without a subcommand (``run=False``) the caller fits.
+        fitting = self.subcommand not in ("validate", "test", "predict")
         if fitting and all(isinstance(c, LastCheckpoint) for c in user_checkpoints):  # LastCheckpoint alone: add best
             # best.ckpt holds the weights only (a third of a full checkpoint: no optimiser state), as
             # it is written whenever validation improves; it is what test/predict load.
