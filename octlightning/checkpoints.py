@@ -7,6 +7,7 @@ unpickled is refused instead of executed.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -58,6 +59,17 @@ def load_state_dict(path: str | Path, key: str | None = None, option: str | None
     return obj
 
 
+def require_torch_file(path: str | Path, option: str = "--ckpt_path") -> None:
+    """Raise :class:`ConfigError` naming ``option`` when ``path`` is not a file ``torch.save`` wrote: a zip
+    archive since torch 1.6, a pickle (first byte ``0x80``) before. Otherwise loading it ends in an
+    unpickling traceback (LightningCLI reads a ``--ckpt_path``'s hyperparameters while parsing)."""
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as fh:
+        if fh.read(1) != b"\x80":
+            raise ConfigError(f"{option} {path}: not a checkpoint (not a file torch.save wrote)")
+
+
 def _class_path(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -74,9 +86,12 @@ def require_checkpoint_fits(path: str | Path, model: torch.nn.Module, hint: str 
         ConfigError: naming ``--ckpt_path``, what the checkpoint holds and what this config builds, then
             ``hint`` (e.g. the config of the run the checkpoint came from).
     """
+    if not zipfile.is_zipfile(path):
+        require_torch_file(path)
+        return  # a pre-1.6 torch file: Lightning reads it, or says why not
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError):
+    except (pickle.UnpicklingError, RuntimeError):  # weights_only refused it: left to Lightning's own loading
         return
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ConfigError(f"--ckpt_path {path}: not a Lightning checkpoint (no state_dict){hint}")

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.model_registry import _is_registry
 
 import octlightning  # noqa: F401  (applies the offline environment defaults first)
 from octlightning.callbacks import BeatConstantBaseline, LastCheckpoint, LogOverlays, SigtermStop
-from octlightning.checkpoints import require_checkpoint_fits
+from octlightning.checkpoints import require_checkpoint_fits, require_torch_file
 from octlightning.errors import ConfigError
 from octlightning.links import link_data_to_model
 from octlightning.loggers import CometLogger, CSVLogger
@@ -186,6 +186,9 @@ class OctLightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         cfg = self.config[subcommand] if subcommand else self.config
         self._parsed_model = deepcopy(cfg.get("model"))
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # LightningCLI loads it next, for its hyperparameters
+            require_torch_file(ckpt_path)
 
     # ------------------------------------------------------------------ run folder
     def _cfg(self) -> Any:

@@ -131,6 +131,11 @@ def test_a_checkpoint_of_another_recipe_is_a_config_error_naming_its_run(fitted,
     assert "a checkpoint of octlightning.tasks.segmentation.SegmentationTask, but this config's model is " \
         "octlightning.tasks.layer_regression.LayerRegressionTask" in str(err.value)  # fmt: skip
     assert f"--config {fitted / 'config.yaml'}" in str(err.value)
+    # a file torch.save did not write (an image given a .ckpt name)
+    not_ckpt = tmp_path / "weights.ckpt"
+    not_ckpt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(ConfigError, match=r"weights.ckpt: not a checkpoint \(not a file torch.save wrote\)"):
+        run_cli([*isic[:-1], str(not_ckpt)])
     assert not runs.exists() and sorted(p.name for p in fitted.iterdir() if p.name == "test") == []
 
 
