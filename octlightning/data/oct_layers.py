@@ -177,7 +177,7 @@ class OCTLayerDataModule(BaseDataModule):
         test_dir: another HDF5 file of the same layout whose every annotated B-scan ``test`` scores
             (``root``'s splits are not used for it); ``None`` tests ``root``'s test split.
         predict_dir: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
-            the test split.
+            what ``test`` scores: every B-scan of ``test_dir`` when given, else the test split.
         in_channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.
         cache_mb: memory per loader process for decoded, resized training and validation B-scans (see
             :class:`~octlightning.data.base.SampleCache`; 0 reads and decompresses them at every epoch).
@@ -391,13 +391,15 @@ class OCTLayerDataModule(BaseDataModule):
                 f"{name} {sorted(set(index.subjects[ids].tolist()))} ({len(ids)} B-scans)"
                 for name, ids in self.splits.items()
             )
+            if self.test_dir is not None:
+                held += f"; test and predict read {self.test_dir} (test_dir)"
             rank_zero_info(f"OCTLayerDataModule: {index.path}: split by subject (seed {self.seed}): {held}")
         return self.splits
 
     def setup(self, stage: str) -> None:
         self.require_sources(stage)
         root_needed = stage in ("fit", "validate") or (stage == "test" and self.test_dir is None)
-        if root_needed or (stage == "predict" and self.predict_dir is None):
+        if root_needed or (stage == "predict" and self.predict_dir is None and self.test_dir is None):
             index = self.file_index()
             split = self.split()
         if stage == "fit":
@@ -427,12 +429,17 @@ class OCTLayerDataModule(BaseDataModule):
                     )
                 self.test_set = self._dataset(index, split["test"], self.layer_key)
         if stage == "predict":
-            if self.predict_dir is None:
+            # What test scores, unless predict_dir says otherwise: the test_dir file, else root's test split.
+            source = self.predict_dir if self.predict_dir is not None else self.test_dir
+            if source is None:
                 if len(split["test"]) == 0:
-                    raise DataError(f"{index.path}: no test split to predict (test_fraction=0); set predict_dir")
+                    raise DataError(
+                        f"{index.path}: no test split to predict (test_fraction=0); set "
+                        f"--data.init_args.predict_dir to an HDF5 file of B-scans to predict"
+                    )
                 self.predict_set = self._dataset(index, split["test"], self.layer_key)
             else:
                 # A file to predict need not be annotated; when it is, the boundaries are drawn too.
-                pindex = self._inspect(Path(self.predict_dir), require_layers=False)
+                pindex = self._inspect(Path(source), require_layers=False)
                 layer_key = self.layer_key if pindex.num_boundaries is not None else None
                 self.predict_set = self._dataset(pindex, range(pindex.n), layer_key)

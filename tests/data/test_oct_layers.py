@@ -673,6 +673,11 @@ def test_test_dir_scores_every_bscan_of_another_file(h5file, tmp_path):
     dm.setup("test")
     assert len(dm.test_set) == N - 1 and dm.test_set.path == other  # every annotated B-scan (EMPTY has none)
 
+    # predict without predict_dir predicts what test scores (it said "no test split to predict")
+    dm = _dm(h5file, test_dir=str(other), test_fraction=0, augment=False)
+    dm.setup("predict")
+    assert dm.predict_set.path == other and len(dm.predict_set) == N  # every B-scan, annotated or not
+
 
 def test_test_dir_beside_a_test_fraction_warns_that_roots_test_subjects_are_lost(h5file, tmp_path):
     """A new user's trial: with test_dir, the recipe's test_fraction still held subject 1 out of training,
