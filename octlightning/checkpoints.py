@@ -113,7 +113,7 @@ def require_checkpoint_fits(path: str | Path, model: torch.nn.Module, hint: str 
             for names, what in (
                 (missing, "weights of this network not in it"),
                 (unexpected, "weights this network lacks"),
-                (reshaped, "of another shape"),
+                (reshaped, "weights of another shape"),
             )
             if names
         ]
