@@ -317,6 +317,8 @@ class OctLightningCLI(LightningCLI):
             self._set_up_data_first(self.subcommand)
         if self.subcommand == "fit" and os.environ.get("LOCAL_RANK", "0") == "0":
             self._set_aside_an_unresumable_fit(run_dir)
+        elif log_dir != run_dir and os.environ.get("LOCAL_RANK", "0") == "0":  # a test/predict stage folder
+            self._set_aside_earlier_results(log_dir)
 
         # The run folder is the trainer's root: checkpoints without a logger, SLURM's hpc_ckpt files
         # and every table the tasks write stay inside this run (the config's value is the runs root).
@@ -468,15 +470,21 @@ class OctLightningCLI(LightningCLI):
         resumable = (run_dir / "checkpoints" / "last.ckpt").is_file() or any(run_dir.glob("hpc_ckpt_*.ckpt"))
         if (ckpt_path in (None, "hpc") and resumable) or resumes_in_place(ckpt_path, run_dir):
             return  # before_fit (or Lightning's SLURM restore) resumes this run in place
-        aside = run_dir / time.strftime("earlier-%Y%m%d-%H%M%S")
-        aside.mkdir()
-        for entry in earlier:
-            entry.rename(aside / entry.name)
+        aside = _move_to_earlier(run_dir, earlier)
         print(
             f"octlightning: {run_dir} holds an earlier fit with no last.ckpt to resume (stopped before its first "
             f"save, or this fit starts from other weights); starting over, its files moved to {aside}",
             file=sys.stderr,
         )
+
+    def _set_aside_earlier_results(self, folder: Path) -> None:
+        """Move an earlier ``test``'s (or ``predict``'s) files in a run's stage ``folder`` to
+        ``<folder>/earlier-<time>/`` before this command writes there: its files would replace some of
+        them, and a stop part-way left one command's config.yaml beside the other's results."""
+        earlier = [e for e in folder.iterdir() if not e.name.startswith("earlier-")] if folder.is_dir() else []
+        if earlier:
+            aside = _move_to_earlier(folder, earlier)
+            print(f"octlightning: {self.subcommand}: the earlier results in {folder} moved to {aside}", file=sys.stderr)
 
     def _say_where(self, what: str, folder: Path) -> None:
         # Run folders are numbered versions: tell the user which one this command wrote.
@@ -513,6 +521,18 @@ class OctLightningCLI(LightningCLI):
         else:  # said at the start, not only at the end: a run killed on day three is resumed by its version
             how = f"; if it stops, the same command with --version {self.run_dir.name} resumes it"
             print(f"octlightning: fit: writing {self.run_dir}{'' if ckpt_path else how}", file=sys.stderr)
+
+
+def _move_to_earlier(folder: Path, entries: list[Path]) -> Path:
+    """Move ``entries`` of ``folder`` into a new ``<folder>/earlier-<time>/``; returns it."""
+    aside = folder / time.strftime("earlier-%Y%m%d-%H%M%S")
+    n = 1
+    while aside.exists():  # two set-asides within a second
+        aside, n = folder / time.strftime(f"earlier-%Y%m%d-%H%M%S-{n}"), n + 1
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    return aside
 
 
 def run_cli(args: list[str] | None = None) -> OctLightningCLI:

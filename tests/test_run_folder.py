@@ -52,6 +52,22 @@ def test_test_of_a_runs_checkpoint_writes_into_that_run(fitted, drive_root, caps
     assert f"octlightning: test: metrics.csv and per-sample tables in {fitted / 'test'}" in capsys.readouterr().err
 
 
+def test_a_second_test_of_a_run_sets_the_earlier_results_aside(fitted, drive_root, capsys):
+    """A test stopped part-way had replaced the earlier test's config.yaml and left its results: the folder
+    paired one command's settings with another's numbers (a new user's trial)."""
+    runs, ckpt = fitted.parent.parent, str(fitted / "checkpoints" / "best.ckpt")
+    run_cli(_args("test", drive_root, runs, "--ckpt_path", ckpt, "--comet", "false"))
+    first = (fitted / "test" / "test_metrics.csv").read_text()
+    before = set((fitted / "test").glob("earlier-*"))
+    run_cli(_args("test", drive_root, runs, "--ckpt_path", ckpt, "--comet", "false",
+                  "--data.init_args.eval_batch_size", "1"))  # fmt: skip
+    (aside,) = set((fitted / "test").glob("earlier-*")) - before
+    assert (aside / "test_metrics.csv").read_text() == first and (aside / "config.yaml").is_file()
+    assert "eval_batch_size: 1" in (fitted / "test" / "config.yaml").read_text()
+    assert (fitted / "test" / "test_metrics.csv").is_file()
+    assert f"test: the earlier results in {fitted / 'test'} moved to {aside}" in capsys.readouterr().err
+
+
 def test_predict_of_a_runs_checkpoint_writes_its_predictions_folder(fitted, drive_root, capsys):
     runs = fitted.parent.parent
     config = (fitted / "config.yaml").read_text()
@@ -118,6 +134,7 @@ def test_a_checkpoint_of_another_recipe_is_a_config_error_naming_its_run(fitted,
     archive had been made."""
     ckpt = str(fitted / "checkpoints" / "best.ckpt")
     runs = tmp_path / "runs"
+    files_before = sorted(fitted.rglob("*"))
     common = ["--data.init_args.root", str(tmp_path), "--trainer.default_root_dir", str(runs), "--ckpt_path", ckpt]
     # the same task (segmentation), another network
     isic = ["test", "--config", ISIC, "--model.init_args.net.init_args.encoder_name", "resnet18", *common]
@@ -136,7 +153,7 @@ def test_a_checkpoint_of_another_recipe_is_a_config_error_naming_its_run(fitted,
     not_ckpt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     with pytest.raises(ConfigError, match=r"weights.ckpt: not a checkpoint \(not a file torch.save wrote\)"):
         run_cli([*isic[:-1], str(not_ckpt)])
-    assert not runs.exists() and sorted(p.name for p in fitted.iterdir() if p.name == "test") == []
+    assert not runs.exists() and sorted(fitted.rglob("*")) == files_before  # nothing written anywhere
 
 
 def test_lightnings_ckpt_path_keywords_are_not_checkpoint_files():
