@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         if LastCheckpoint.stopped_by_sigterm:
             said = "fit stopped by SIGTERM; the same command with its --version resumes it"
         else:
-            said = f"{SigtermStop.stopped} stopped by SIGTERM before it finished; its results are incomplete"
+            said = f"{SigtermStop.stopped} stopped by SIGTERM before it finished: its results are missing or partial"
         print(f"octlightning: {said}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
 
