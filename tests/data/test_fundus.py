@@ -198,9 +198,16 @@ def test_chase_validation_keeps_both_eyes_of_a_child_in_one_split(tmp_path):
 
 
 def test_test_dir_scores_every_annotated_image_of_another_dataset(drive_root, tmp_path):
-    from tests.fixtures.fundus import write_chase_layout
+    from tests.fixtures.fundus import write_chase_layout, write_kaggle_layout
 
     chase = write_chase_layout(tmp_path / "CHASEDB1")
     dm = _dm(drive_root, test_dir=str(chase))
     dm.setup("test")
     assert sorted(r.id for r in dm.test_set.records) == sorted(f"Image_{c:02d}{e}" for c in (1, 2, 3, 11) for e in "LR")
+
+    # the Kaggle set as distributed numbers train and test images from 0 each ("ids ['0', '1'] occur in
+    # its training and its test part; rename one" made it unusable as a test_dir)
+    kaggle = write_kaggle_layout(tmp_path / "kaggle", n_train=3, n_test=2)
+    dm = _dm(drive_root, test_dir=str(kaggle))
+    dm.setup("test")
+    assert sorted(r.id for r in dm.test_set.records) == ["test_0", "test_1", "train_0", "train_1", "train_2"]

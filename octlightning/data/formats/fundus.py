@@ -128,7 +128,8 @@ def chase_child(path: Path) -> str:
 
 def labelled_fundus_files(root: Path, layout: Layout) -> list[tuple[str, Path, Path | None, Path | None]]:
     """Every image of a dataset that has a vessel mask: its training part and its test part (when the
-    layout has one and it is annotated), for testing on a whole held-out dataset (``test_dir``)."""
+    layout has one and it is annotated), for testing on a whole held-out dataset (``test_dir``). Where
+    the two parts use the same ids (Kaggle: both numbered from 0), ids become ``train_<id>``/``test_<id>``."""
     files = scan_fundus_files(root, layout, "train")
     kaggle = _kaggle_base(root)
     has_test = {
@@ -138,8 +139,9 @@ def labelled_fundus_files(root: Path, layout: Layout) -> list[tuple[str, Path, P
         "folder": (root / "test").is_dir(),
     }[layout]
     test = scan_fundus_files(root, layout, "test") if has_test else []
-    ids = {f[0] for f in files}
-    clash = sorted(ids & {f[0] for f in test})
-    if clash:
-        raise DataError(f"{root}: ids {clash[:5]} occur in its training and its test part; rename one")
+    if {f[0] for f in files} & {f[0] for f in test}:
+        # The Kaggle set numbers both parts from 0 (train/image/0.png, test/image/0.png): every id then
+        # names its part, so that each image keeps a row of its own.
+        files = [(f"train_{k}", image, mask, fov) for k, image, mask, fov in files]
+        test = [(f"test_{k}", image, mask, fov) for k, image, mask, fov in test]
     return files + [f for f in test if f[2] is not None]
