@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 
@@ -184,11 +185,17 @@ class BaseTask(L.LightningModule):
             self.trainer.fit_loop.setup_data()  # as estimated_stepping_batches does; needed for the warm-up
         steps_per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
         warmup = self.warmup_epochs * steps_per_epoch if self.scheduler_name == "cosine" else 0
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
         if math.isfinite(total):
             warmup = min(warmup, max(0, int(total) - 1))
             length = max(1.0, total - warmup)
+            if timer is not None and timer.time_remaining() is not None:
+                rank_zero_warn(
+                    f"the {self.scheduler_name} learning-rate schedule spans {int(total)} steps (trainer.max_epochs "
+                    f"or max_steps): if max_time ends the run first, its learning rate has not decayed; "
+                    f"--trainer.max_epochs -1 (without max_steps) makes the schedule span max_time"
+                )
             return warmup, lambda step: min(1.0, max(0, step - warmup) / length)
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
         if timer is None or timer.time_remaining() is None:
             raise ValueError(
                 f"scheduler {self.scheduler_name!r} needs a training length: trainer.max_epochs, max_steps or max_time"

@@ -29,6 +29,15 @@ def test_the_schedule_spans_max_epochs_after_the_warm_up():
     assert warmup == 4 and span(3) == 0.0 and span(4) == 0.0 and span(22) == 0.5 and span(40) == 1.0
 
 
+def test_max_time_beside_max_epochs_warns_that_the_schedule_may_not_decay():
+    """A new user's trial: a fit with the recipe's max_epochs 100 and --trainer.max_time 00:00:02:00 ends with
+    the cosine barely begun, and nothing said so."""
+    task = _task()
+    task._trainer = _trainer(400.0, [Timer(duration={"minutes": 2})])
+    with pytest.warns(UserWarning, match=r"spans 400 steps .*--trainer.max_epochs -1 .*span max_time"):
+        task.schedule_span()
+
+
 def test_a_time_budget_run_decays_the_learning_rate_with_the_trainers_clock(monkeypatch):
     """``max_epochs: -1`` + ``max_time``: at half the budget the cosine is at half, at the end at zero,
     however many steps that took (the accuracy benchmark trains this way)."""
