@@ -233,8 +233,6 @@ class OctLightningCLI(LightningCLI):
                     f"--version (and --experiment), or give --ckpt_path the checkpoint file"
                 )
             self._set_ckpt_path(str(last))
-        elif ckpt_path and not is_checkpoint_keyword(ckpt_path):
-            self._require_checkpoint_file(Path(ckpt_path))
         if ckpt_path != "last" and not self._names_another_run() and self.subcommand in STAGE_FOLDERS:
             owner = checkpoint_run_dir(ckpt_path)
             # A checkpoint from under another runs root (--trainer.default_root_dir) is not "this" run.
@@ -244,23 +242,20 @@ class OctLightningCLI(LightningCLI):
         os.environ[RUN_DIR_ENV] = str(root / name / version)
         return root, name, version
 
-    @staticmethod
-    def _require_checkpoint_file(path: Path) -> None:
-        """A ConfigError naming ``--ckpt_path`` and the checkpoints that do exist beside it, before any
-        run folder or logger is made (a run that never validated has a last.ckpt but no best.ckpt)."""
-        if path.is_file():
-            return
-        there = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
-        hint = f"; {path.parent} holds {', '.join(there)}" if there else ""
-        if path.name == "best.ckpt" and "last.ckpt" in there:
-            hint += " (best.ckpt is written at the first validation: this run had none; use last.ckpt)"
-        raise ConfigError(f"--ckpt_path {path}: no such checkpoint file{hint}")
-
-    def _require_checkpoint_of_this_model(self, ckpt_path: str | None) -> None:
-        """A ConfigError before any run folder when ``--ckpt_path`` holds another task or network (another
-        recipe's run, other net options), naming the config of the run it came from."""
+    def _require_usable_checkpoint(self, ckpt_path: str | None) -> None:
+        """A ConfigError before any run folder or logger is made when the ``--ckpt_path`` file is missing
+        (naming the checkpoints that do exist beside it: a run that never validated has a last.ckpt but
+        no best.ckpt) or holds another task or network (another recipe's run, other net options), naming
+        the config of the run it came from. Lightning's keywords (``best``, ``hpc``, ...) are its own."""
         if not ckpt_path or is_checkpoint_keyword(ckpt_path):
             return
+        path = Path(ckpt_path)
+        if not path.is_file():
+            there = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+            hint = f"; {path.parent} holds {', '.join(there)}" if there else ""
+            if path.name == "best.ckpt" and "last.ckpt" in there:
+                hint += " (best.ckpt is written at the first validation: this run had none; use last.ckpt)"
+            raise ConfigError(f"--ckpt_path {path}: no such checkpoint file{hint}")
         owner = checkpoint_run_dir(ckpt_path)
         if owner is not None:
             hint = f"; it comes from the run {owner}: use that run's config (--config {owner / 'config.yaml'})"
@@ -309,7 +304,7 @@ class OctLightningCLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         root, name, version = self._run_location()
         run_dir = root / name / version
-        self._require_checkpoint_of_this_model(cfg.get("ckpt_path"))
+        self._require_usable_checkpoint(cfg.get("ckpt_path"))
         self.run_dir = run_dir
         work_dir, log_dir = self.stage_dir(run_dir)
         if self.subcommand in ("fit", "validate", "test", "predict"):

@@ -382,15 +382,17 @@ class OCTLayerDataModule(BaseDataModule):
             groups = usable
         parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed)
         self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
-        test = self.splits["test"]
-        if len(test):
-            unit = f"subjects {sorted(set(index.subjects[test].tolist()))}" if split_by == "subject" else "B-scans"
-            self.warn_unused_test_split(f"the test split's {unit} ({len(test)} B-scans)")
+        # what each split holds: its subjects, when split by them, and its B-scans
+        holds = {
+            name: (f"{sorted(set(index.subjects[ids].tolist()))} " if split_by == "subject" else "")
+            + f"({len(ids)} B-scans)"
+            for name, ids in self.splits.items()
+        }
+        if len(self.splits["test"]):
+            whose = "the test split's subjects" if split_by == "subject" else "the test split"
+            self.warn_unused_test_split(f"{whose} {holds['test']}")
         if split_by == "subject":  # the held-out subjects are what a result is reported on: name them
-            held = "; ".join(
-                f"{name} {sorted(set(index.subjects[ids].tolist()))} ({len(ids)} B-scans)"
-                for name, ids in self.splits.items()
-            )
+            held = "; ".join(f"{name} {text}" for name, text in holds.items())
             if self.test_dir is not None:
                 held += f"; test and predict read {self.test_dir} (test_dir)"
             rank_zero_info(f"OCTLayerDataModule: {index.path}: split by subject (seed {self.seed}): {held}")
