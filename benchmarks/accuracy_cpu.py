@@ -17,6 +17,8 @@ epochs/steps, validation and test figures) and writes it to ``runs/accuracy-cpu/
     python benchmarks/accuracy_cpu.py                         # every recipe whose data is present
     python benchmarks/accuracy_cpu.py --recipes oct           # the OCT layer recipes only
     python benchmarks/accuracy_cpu.py --recipes oct --data-seed 0   # another split (other held-out subjects)
+    python benchmarks/accuracy_cpu.py --recipes oct_unet --folds 4  # 4-fold cross-validation: a row per
+                                                                    # fold (a budget each) and their mean
     python benchmarks/accuracy_cpu.py --report runs/accuracy-cpu   # tabulate finished runs again
 
 Run by hand or by ``make accuracy-cpu`` (never in CI: it takes the budgets' sum, 20 minutes per OCT
@@ -31,6 +33,8 @@ import datetime
 import json
 import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -112,6 +116,8 @@ RECIPES = [
            ["--model.init_args.net.init_args.img_size", "512", "--trainer.check_val_every_n_epoch", "2"],
            prepare=mirage_layout),
 ]  # fmt: skip
+# recipes whose DataModule draws its test split from the data (num_folds, fold): --folds runs them per fold
+CROSS_VALIDATED = {"oct_segformer", "oct_unet", "isic_deeplabv3plus", "retouch_unet"}
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -124,13 +130,27 @@ def run(cmd: list[str], log: Path) -> float:
     return time.monotonic() - start
 
 
+def run_name(recipe: Recipe, fold: int | None) -> str:
+    """The run's experiment folder under the output root: the recipe's name, ``-fold<i>`` for a fold."""
+    return recipe.name if fold is None else f"{recipe.name}-fold{fold}"
+
+
 def common_args(
-    recipe: Recipe, data_root: Path, root: Path, weights: str | None, data_seed: int | None, early_stopping: bool
+    recipe: Recipe,
+    data_root: Path,
+    root: Path,
+    weights: str | None,
+    data_seed: int | None,
+    early_stopping: bool,
+    fold: int | None = None,
+    folds: int = 0,
 ) -> list[str]:
     args = ["--config", recipe.config, "--data.init_args.root", str(data_root),
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", str(root),
-            "--comet", "false", "--trainer.enable_progress_bar", "false", "--experiment", recipe.name,
+            "--comet", "false", "--trainer.enable_progress_bar", "false", "--experiment", run_name(recipe, fold),
             "--trainer.max_epochs", "-1", *recipe.args]  # fmt: skip
+    if fold is not None:  # the DataModule's k-fold cross-validation: the test split is this fold
+        args += ["--data.init_args.num_folds", str(folds), "--data.init_args.fold", str(fold)]
     if "foundation" in recipe.name:
         args += ["--model.init_args.net.init_args.weights", weights or "null"]
     if data_seed is not None:  # another draw of the recipe's seeded split (other held-out subjects/images)
@@ -147,14 +167,17 @@ def fit_and_test(
     weights: str | None = None,
     data_seed: int | None = None,
     early_stopping: bool = False,
+    fold: int | None = None,
+    folds: int = 0,
 ) -> None:
-    """``fit`` within the budget into ``<root>/<name>/fit``, then ``test`` its best.ckpt into ``.../test``."""
-    folder = root / recipe.name
+    """``fit`` within the budget into ``<root>/<name>/fit``, then ``test`` its best.ckpt into ``.../test``
+    (``<name>``: :func:`run_name`)."""
+    folder = root / run_name(recipe, fold)
     folder.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "octlightning"]
     budget = f"00:00:{int(recipe.minutes):02d}:{int(round(recipe.minutes % 1 * 60)):02d}"
     data_root = recipe.prepare(shared / recipe.data, root / "data") if recipe.prepare else shared / recipe.data
-    args = common_args(recipe, data_root, root, weights, data_seed, early_stopping)
+    args = common_args(recipe, data_root, root, weights, data_seed, early_stopping, fold, folds)
     wall = run([*base, "fit", *args, "--version", "fit", "--trainer.max_time", budget], folder / "fit.log")
     (folder / "fit" / "wall.json").write_text(json.dumps({"wall_s": wall, "budget_min": recipe.minutes}))
     best = folder / "fit" / "checkpoints" / "best.ckpt"
@@ -168,9 +191,9 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(path))) if path.is_file() else []
 
 
-def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
-    """One table row from ``<root>/<name>/{fit,test}``."""
-    fit, test = root / recipe.name / "fit", root / recipe.name / "test"
+def summarise(recipe: Recipe, root: Path, fold: int | None = None) -> dict[str, str]:
+    """One table row from ``<root>/<name>/{fit,test}`` (``<name>``: :func:`run_name`)."""
+    fit, test = root / run_name(recipe, fold) / "fit", root / run_name(recipe, fold) / "test"
     rows = read_metrics(fit / "metrics.csv")
     # the checkpointed epoch: the task's own monitor and mode, as the run saved them in its config
     task = yaml.safe_load((fit / "config.yaml").read_text())["model"]["init_args"]
@@ -184,7 +207,8 @@ def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
     tested = {k: v for r in test_rows for k, v in r.items() if v}
     wall = json.loads((fit / "wall.json").read_text())["wall_s"] if (fit / "wall.json").is_file() else math.nan
     out = {
-        "recipe": recipe.name,
+        "recipe": run_name(recipe, fold),
+        "held out (val / test)": held_out(root / run_name(recipe, fold) / "fit.log"),
         "budget": f"{recipe.minutes:g} min",
         "wall": f"{wall / 60:.1f} min" if math.isfinite(wall) else "n/a",
         "epochs / steps": f"{epochs} / {steps}",
@@ -193,6 +217,29 @@ def summarise(recipe: Recipe, root: Path) -> dict[str, str]:
     for m in recipe.metrics:
         v, t = (f"{float(x):.3g}" if x else "n/a" for x in (best.get(f"val/{m}"), tested.get(f"test/{m}")))
         out[m + " (val / test)"] = f"{v} / {t}"
+    return out
+
+
+def held_out(fit_log: Path) -> str:
+    """The validation and test subjects (or cases) the fit's split line names, e.g. ``[6] / [1, 4]``."""
+    text = fit_log.read_text() if fit_log.is_file() else ""
+    found = {k: re.search(rf"\b{k} (\[[^\]]*\])", text) for k in ("val", "test")}
+    return " / ".join(m.group(1) if m else "?" for m in found.values())
+
+
+def fold_mean(recipe: Recipe, rows: list[dict[str, str]]) -> dict[str, str]:
+    """The folds' mean (and sample sd) of every ``val / test`` figure: the cross-validation row."""
+    out = {key: "" for key in rows[0]}
+    out["recipe"] = f"{recipe.name}: mean +- sd of {len(rows)} folds"
+    for key in rows[0]:
+        if "(val / test)" not in key or key.startswith("held out"):
+            continue
+        cells = []
+        for part in (0, 1):
+            values = [float(r[key].split(" / ")[part]) for r in rows if r[key].split(" / ")[part] != "n/a"]
+            sd = f" +- {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.3g}{sd}" if values else "n/a")
+        out[key] = " / ".join(cells)
     return out
 
 
@@ -221,20 +268,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--early-stopping", action="store_true", help="keep the recipes' early stopping (default: the budget alone)"
     )
+    parser.add_argument(
+        "--folds", type=int, default=0,
+        help="k-fold cross-validation: each recipe whose DataModule has num_folds runs once per fold (a budget "
+        "each) and gets a mean row; the others are skipped",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
     root = Path(args.report or args.out).resolve()
     shared = Path(args.shared_data)
     rows = []
     for recipe in chosen:
-        if args.report is None:
-            if not (shared / recipe.data).exists():
-                print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
-                continue
-            print(f"accuracy-cpu: {recipe.name}: fit for {recipe.minutes:g} min, then test", flush=True)
-            fit_and_test(recipe, shared, root, args.foundation_weights, args.data_seed, args.early_stopping)
-        if (root / recipe.name / "fit").is_dir():
-            rows.append(summarise(recipe, root))
+        if args.folds and recipe.name not in CROSS_VALIDATED:
+            print(f"accuracy-cpu: {recipe.name}: its DataModule has no num_folds (own test split), skipped")
+            continue
+        folds: list[int | None] = list(range(args.folds)) if args.folds else [None]
+        done = []
+        for fold in folds:
+            name = run_name(recipe, fold)
+            if args.report is None:
+                if not (shared / recipe.data).exists():
+                    print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
+                    break
+                print(f"accuracy-cpu: {name}: fit for {recipe.minutes:g} min, then test", flush=True)
+                fit_and_test(
+                    recipe, shared, root, args.foundation_weights, args.data_seed, args.early_stopping, fold, args.folds
+                )
+            if (root / name / "fit").is_dir():
+                done.append(summarise(recipe, root, fold))
+        rows += done
+        if args.folds and done:
+            rows.append(fold_mean(recipe, done))
     text = (
         f"Measured {datetime.date.today()} on the CPU ({os.cpu_count()} cores); validation: the checkpointed "
         f"(best) epoch; test: that checkpoint on the test split. Both unseen in training.\n\n{table(rows)}\n"

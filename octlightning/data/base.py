@@ -28,28 +28,57 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus // local_procs - 1))
 
 
-def split_indices(groups: Sequence[Any], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+def require_fold(num_folds: int, fold: int) -> None:
+    """Raise ``ValueError`` unless ``num_folds`` is 0 (no cross-validation) or >= 2 with ``fold`` in
+    ``[0, num_folds)``."""
+    if num_folds and (num_folds < 2 or not 0 <= fold < num_folds):
+        raise ValueError(f"num_folds must be 0 (none) or >= 2, and fold in [0, num_folds); got {num_folds}, {fold}")
+
+
+def split_indices(
+    groups: Sequence[Any], fractions: Sequence[float], seed: int, num_folds: int = 0, fold: int = 0
+) -> list[np.ndarray]:
     """Split items into parts by *group* (subject, volume, patient), reproducibly from ``seed``.
 
-    ``fractions`` gives the share of groups for every part but the first, which takes the rest; each
-    part with a non-zero fraction gets at least one group when there are enough groups. Returns the
-    item indices of each part, sorted.
+    ``fractions`` gives the share of groups for every part but the first, which takes the rest (below 1 a
+    fraction, else a count of groups); each part with a non-zero fraction gets at least one group when
+    there are enough groups. Returns the item indices of each part, sorted.
+
+    With ``num_folds`` >= 2 (group-wise k-fold cross-validation), the last part is fold ``fold``
+    (0-based) of ``num_folds`` near-equal parts of the seeded order of the groups, whatever its fraction,
+    so that the folds' last parts together hold every group exactly once; the other parts are drawn,
+    as above, from the groups outside that fold.
+
+    Raises:
+        DataError: the parts would leave no group for the first part (training), or there are fewer
+            groups than folds.
+        ValueError: ``fold`` is not in ``[0, num_folds)``, or ``num_folds`` is 1 or negative.
     """
     groups = np.asarray(groups)
     unique = np.unique(groups)
     rng = np.random.default_rng(seed)
     order = rng.permutation(unique)
-    counts = [int(round(f * len(unique))) if f < 1 else int(f) for f in fractions]
-    counts = [
-        max(1, c) if f > 0 and len(unique) > len(fractions) else c for c, f in zip(counts, fractions, strict=True)
-    ]
-    if sum(counts) >= len(unique):
-        raise DataError(f"cannot split {len(unique)} groups into parts of {counts} groups and keep any for training")
-    parts, start = [], len(unique) - sum(counts)
+    last: np.ndarray | None = None
+    if num_folds:
+        require_fold(num_folds, fold)
+        if len(unique) < num_folds:
+            raise DataError(f"cannot split {len(unique)} groups into {num_folds} folds")
+        last = np.array_split(order, num_folds)[fold]
+        order, fractions = order[~np.isin(order, last)], fractions[:-1]
+    counts = [int(round(f * len(order))) if f < 1 else int(f) for f in fractions]
+    counts = [max(1, c) if f > 0 and len(order) > len(fractions) else c for c, f in zip(counts, fractions, strict=True)]
+    if sum(counts) >= len(order):
+        kept = f" outside fold {fold} of {num_folds}" if num_folds else ""
+        raise DataError(
+            f"cannot split {len(order)} groups{kept} into parts of {counts} groups and keep any for training"
+        )
+    parts, start = [], len(order) - sum(counts)
     parts.append(order[:start])
     for c in counts:
         parts.append(order[start : start + c])
         start += c
+    if last is not None:
+        parts.append(last)
     return [np.sort(np.flatnonzero(np.isin(groups, p))) for p in parts]
 
 
@@ -162,6 +191,12 @@ class BaseDataModule(L.LightningDataModule):
             scores whole: every annotated sample of it, whatever ``root``'s splits; ``None`` tests the
             test split of ``root``. For evaluating on a held-out dataset (train on DRIVE, test on
             CHASE_DB1; train on one HDF5 file, test on another).
+        num_folds, fold: group-wise k-fold cross-validation where the test split is drawn from ``root``
+            (0: none): the test split is fold ``fold`` (0-based) of ``num_folds`` seeded folds of the
+            groups, in place of ``test_fraction``; validation is drawn from the other folds by
+            ``val_fraction``. Running every ``fold`` with one ``seed`` tests each group exactly once
+            (``experiments/oct_unet_cv.json`` sweeps them; the sweep's ``cross_validation.csv`` averages
+            the folds).
 
     What the model must agree with, read by the CLI and linked into the model's arguments (typed once,
     in the data): :attr:`in_channels`; for segmentation :attr:`num_classes` (network output channels:
@@ -203,6 +238,9 @@ class BaseDataModule(L.LightningDataModule):
         in_channels: int = 3,
         cache_mb: float = 1024,
         test_dir: str | None = None,
+        *,
+        num_folds: int = 0,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         if val_fraction < 0 or test_fraction < 0:
@@ -211,6 +249,15 @@ class BaseDataModule(L.LightningDataModule):
         for split, fraction in (("val", val_fraction), ("test", test_fraction)):
             if fraction and split in self.own_splits:
                 raise ValueError(f"{name}: {split}_fraction must be 0: the {split} split is {self.own_splits[split]}")
+        if num_folds:
+            require_fold(num_folds, fold)
+            if "test" in self.own_splits:
+                raise ValueError(f"{name}: num_folds must be 0: the test split is {self.own_splits['test']}")
+            if test_dir is not None:
+                raise ValueError(
+                    f"{name}: test_dir {test_dir} is what test scores, so the folds (num_folds {num_folds}) would only "
+                    f"hold fold {fold} out of training; set num_folds 0, or test_dir null to test the fold"
+                )
         if in_channels not in self.channel_choices:
             choices = " or ".join(f"{k} ({what})" for k, what in self.channel_choices.items())
             raise ValueError(f"{name}: in_channels must be {choices}, got {in_channels}")
@@ -225,6 +272,7 @@ class BaseDataModule(L.LightningDataModule):
         self.in_channels = in_channels
         self.cache_mb = cache_mb
         self.test_dir = test_dir
+        self.num_folds, self.fold = num_folds, fold
         self.cache = SampleCache(cache_mb)  # for the subclass's training and validation datasets
         self._train_loader: ContinuousTrainLoader | None = None
 
@@ -248,6 +296,11 @@ class BaseDataModule(L.LightningDataModule):
                     f"{where}: not found (no such file or folder); set --data.init_args.{option} to the dataset "
                     f"{type(self).__name__} reads"
                 )
+
+    @property
+    def fold_note(self) -> str:
+        """``", test = fold 1 of 4"`` when cross-validating, else ``""``: for a split's log line."""
+        return f", test = fold {self.fold} of {self.num_folds}" if self.num_folds else ""
 
     def warn_unused_test_split(self, held_out: str) -> None:
         """Warn, when ``test_dir`` is set, that the test split ``test_fraction`` drew from ``root``

@@ -231,6 +231,9 @@ class MaskFolderDataModule(BaseDataModule):
         test_dir: another dataset folder of the same layout (the same folder names, ``image_glob`` and
             ``mask_pattern``) whose every pair ``test`` scores: its training, validation and test folders,
             those that exist; ``None`` tests ``root``'s test folder or held-out share.
+        num_folds, fold: image-wise k-fold cross-validation of a dataset without a test folder: the
+            test split is fold ``fold`` of ``num_folds``, in place of ``test_fraction`` (see
+            :class:`~octlightning.data.base.BaseDataModule`).
         cache_mb: memory per loader process for decoded, resized training and validation pairs (see
             :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """
@@ -252,6 +255,8 @@ class MaskFolderDataModule(BaseDataModule):
         in_channels: Literal[3] = 3,
         cache_mb: float = 1024,
         test_dir: str | None = None,
+        num_folds: int = 0,
+        fold: int = 0,
         image_dir: str = ISIC_TRAIN[0],
         mask_dir: str = ISIC_TRAIN[1],
         val_image_dir: str | None = ISIC_VAL[0],
@@ -266,7 +271,7 @@ class MaskFolderDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb, test_dir,
+            in_channels, cache_mb, test_dir, num_folds=num_folds, fold=fold,
         )  # fmt: skip
         self.save_hyperparameters()
         mask_name_regex(mask_pattern)  # a bad pattern fails at construction, not in setup
@@ -304,8 +309,14 @@ class MaskFolderDataModule(BaseDataModule):
             pairs = self._scan((self.image_dir, self.mask_dir), True, "training")
             has_val = self._present(self.val_dirs[0]) is not None
             has_test = self._present(self.test_dirs[0]) is not None
+            if has_test and self.num_folds:
+                raise DataError(
+                    f"{self._present(self.test_dirs[0])}: the dataset's own test folder is its test split, so "
+                    f"num_folds {self.num_folds} has no test split to draw; set num_folds 0, or test_image_dir null "
+                    f"to cross-validate on the training images"
+                )
             fractions = [0.0 if has_val else self.val_fraction, 0.0 if has_test else self.test_fraction]
-            train, val, test = split_indices([p.id for p in pairs], fractions, self.seed)
+            train, val, test = split_indices([p.id for p in pairs], fractions, self.seed, self.num_folds, self.fold)
             self._split = {
                 "train": [pairs[i] for i in train],
                 "val": [pairs[i] for i in val],
@@ -319,6 +330,11 @@ class MaskFolderDataModule(BaseDataModule):
                 rank_zero_info(f"MaskFolderDataModule: the dataset's own split folders: {'; '.join(own)}")
             if len(test):
                 self.warn_unused_test_split(f"the test split's {len(test)} images")
+            if self.num_folds:
+                rank_zero_info(
+                    f"MaskFolderDataModule: {self.root}: test split (seed {self.seed}{self.fold_note}): "
+                    f"{len(test)} of {len(pairs)} training images"
+                )
         return self._split
 
     def _held_out_pairs(self) -> list[MaskPair]:

@@ -176,6 +176,9 @@ class OCTLayerDataModule(BaseDataModule):
             B-scans with ``split_by: bscan``).
         test_dir: another HDF5 file of the same layout whose every annotated B-scan ``test`` scores
             (``root``'s splits are not used for it); ``None`` tests ``root``'s test split.
+        num_folds, fold: subject-wise k-fold cross-validation (by B-scan with ``split_by: bscan``): the
+            test split is fold ``fold`` of ``num_folds``, in place of ``test_fraction`` (see
+            :class:`~octlightning.data.base.BaseDataModule`).
         predict_dir: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
             what ``test`` scores: every B-scan of ``test_dir`` when given, else the test split.
         in_channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.
@@ -226,6 +229,8 @@ class OCTLayerDataModule(BaseDataModule):
         in_channels: Literal[1, 3] = 3,
         cache_mb: float = 1024,
         test_dir: str | None = None,
+        num_folds: int = 0,
+        fold: int = 0,
         layer_indices: list[int] | None = None,
         boundary_names: list[str] | None = None,
         image_size: int | list[int] = 512,
@@ -244,7 +249,7 @@ class OCTLayerDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb, test_dir,
+            in_channels, cache_mb, test_dir, num_folds=num_folds, fold=fold,
         )  # fmt: skip
         self.save_hyperparameters(ignore=["boundary_names"])  # logged by the task, which gets them from here
         if nan_policy not in ("mask", "interpolate"):
@@ -361,6 +366,11 @@ class OCTLayerDataModule(BaseDataModule):
             raise DataError(f"{index.path}: every B-scan's chosen boundaries in {self.layer_key!r} are all NaN")
         split_by = self.split_by or ("file" if index.file_splits is not None else "subject")
         if split_by == "file":
+            if self.num_folds:
+                raise DataError(
+                    f"{index.path}: num_folds {self.num_folds} draws the test split, but the file's own 'splits' group "
+                    f"is used; set split_by to subject (or bscan) to cross-validate, or num_folds 0"
+                )
             if index.file_splits is None:
                 raise DataError(
                     f"{index.path}: split_by is file but the file has no 'splits' group (datasets: {index.datasets}); "
@@ -380,7 +390,7 @@ class OCTLayerDataModule(BaseDataModule):
             groups = index.subjects[usable]
         else:
             groups = usable
-        parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed)
+        parts = split_indices(groups, [self.val_fraction, self.test_fraction], self.seed, self.num_folds, self.fold)
         self.splits = {name: usable[p] for name, p in zip(("train", "val", "test"), parts, strict=True)}
         # what each split holds: its subjects, when split by them, and its B-scans
         holds = {
@@ -395,7 +405,9 @@ class OCTLayerDataModule(BaseDataModule):
             held = "; ".join(f"{name} {text}" for name, text in holds.items())
             if self.test_dir is not None:
                 held += f"; test and predict read {self.test_dir} (test_dir)"
-            rank_zero_info(f"OCTLayerDataModule: {index.path}: split by subject (seed {self.seed}): {held}")
+            rank_zero_info(
+                f"OCTLayerDataModule: {index.path}: split by subject (seed {self.seed}{self.fold_note}): {held}"
+            )
         return self.splits
 
     def setup(self, stage: str) -> None:

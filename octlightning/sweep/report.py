@@ -3,6 +3,10 @@
 Each run is ranked by the best value of its own monitored validation metric (``model.init_args.monitor``
 and ``monitor_mode`` in its ``config.yaml``; ``val/dice``, max by default) read from its ``metrics.csv``;
 runs without a value come last. Test metrics (``test/*``) get a column each.
+
+A sweep over a DataModule's ``fold`` (k-fold cross-validation) also gets ``cross_validation.csv`` and a
+section of ``leaderboard.md``: per setting of the other swept keys, the mean and sample standard deviation
+over its folds of each test metric and of the best monitored value, and how many folds have them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import csv
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -123,14 +128,64 @@ def write_leaderboard(folder: Path) -> Path | None:
     md = [
         f"# Sweep {folder.name}: {len(rows)} runs, best {rows[0]['monitor']} first",
         "",
-        "| " + " | ".join(md_header) + " |",
-        "|" + "---|" * len(md_header),
-        *("| " + " | ".join(str(c) for c in line) + " |" for line in table),
-        "",
+        *_markdown(md_header, table),
     ]
+    md += _write_cross_validation(folder, rows, keys, tests, names)
     (folder / "leaderboard.md").write_text("\n".join(md))
     _plot(folder / "leaderboard.png", rows, keys, names)
     return csv_path
+
+
+def _markdown(header: list[str], table: list[list[Any]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in line) + " |" for line in table),
+        "",
+    ]
+
+
+def _mean_sd(values: list[float]) -> tuple[str, str]:
+    mean = statistics.fmean(values) if values else None
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return ("" if mean is None else f"{mean:.6g}"), ("" if sd is None else f"{sd:.6g}")
+
+
+def _write_cross_validation(
+    folder: Path, rows: list[dict[str, Any]], keys: list[str], tests: list[str], names: dict[str, str]
+) -> list[str]:
+    """``cross_validation.csv`` when the sweep varies a ``fold`` key: per setting of the other keys, the
+    folds' mean and standard deviation of each test metric and of the best monitored value. Returns its
+    markdown section (empty without a fold key)."""
+    fold_keys = [k for k in keys if k.rsplit(".", 1)[-1] == "fold"]
+    if not fold_keys:
+        return []
+    others = [k for k in keys if k not in fold_keys]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        setting = tuple(format_value(r["overrides"][k]) if k in r["overrides"] else "" for k in others)
+        groups.setdefault(setting, []).append(r)
+    header = [*others, "folds", "monitor"]
+    for metric in ["best", *tests]:
+        header += [f"{metric} mean", f"{metric} sd", f"{metric} folds"]
+    table = []
+    for setting, members in groups.items():
+        line: list[Any] = [*setting, len(members), f"{members[0]['monitor']} ({members[0]['mode']})"]
+        for metric in ["best", *tests]:
+            values = [r["best"] if metric == "best" else r["test"].get(metric) for r in members]
+            values = [v for v in values if v is not None]
+            line += [*_mean_sd(values), len(values)]
+        table.append(line)
+    with open(folder / "cross_validation.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(table)
+    md_header = [names[k] for k in others] + header[len(others) :]
+    return [
+        f"## Cross-validation: mean and standard deviation over the folds ({', '.join(fold_keys)})",
+        "",
+        *_markdown(md_header, table),
+    ]
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], keys: list[str], names: dict[str, str]) -> None:

@@ -83,6 +83,21 @@ def test_split_is_seeded_and_folders_win_over_fractions(isic_root, tmp_path, cap
     assert {p.id for p in dm.test_set.pairs} == test
 
 
+def test_cross_validation_folds_hold_out_every_training_image_once(isic_root, tmp_path):
+    root = write_isic_layout(tmp_path / "notest", with_val=False, with_test=False)
+    tested: list[str] = []
+    for fold in range(3):
+        split = _dm(root, val_fraction=0.25, num_folds=3, fold=fold).splits()
+        ids = {k: {p.id for p in v} for k, v in split.items()}
+        assert not (ids["train"] & ids["val"] or (ids["train"] | ids["val"]) & ids["test"])
+        tested += ids["test"]
+    everything = sorted(p.id for part in _dm(root, val_fraction=0.25).splits().values() for p in part)
+    assert sorted(tested) == everything
+    # the layout's own test folder is the test split: folds would have nothing to draw
+    with pytest.raises(DataError, match=r"ISIC2018_Task1-2_Test_Input: the dataset's own test folder.*num_folds 3"):
+        _dm(isic_root, num_folds=3).splits()
+
+
 def test_augmentation_changes_training_samples_but_not_masks_values(isic_root):
     dm = _dm(isic_root)
     dm.setup("fit")

@@ -127,6 +127,42 @@ def test_the_split_names_its_held_out_subjects(h5file, caplog):
     assert expected + f"val {subjects['val']} ({len(dm.splits['val'])} B-scans); test {subjects['test']}" in said
 
 
+def test_cross_validation_folds_test_every_subject_once(h5file, caplog):
+    tested: list[int] = []
+    for fold in range(4):
+        # the recipe's test_fraction stays set: the fold replaces it
+        dm = _dm(h5file, seed=3, num_folds=4, fold=fold, test_fraction=0.25)
+        with pytest.warns(UserWarning, match="excluded"), caplog.at_level("INFO"):
+            dm.setup("fit")
+        subjects = {k: set(dm.file_index().subjects[v].tolist()) for k, v in dm.splits.items()}
+        assert len(subjects["test"]) == 1 and len(subjects["val"]) == 1 and len(subjects["train"]) == 2
+        assert not (subjects["train"] & subjects["val"] or (subjects["train"] | subjects["val"]) & subjects["test"])
+        assert f"split by subject (seed 3, test = fold {fold} of 4): train" in caplog.text
+        tested += subjects["test"]
+    assert sorted(tested) == [1, 2, 3, 4]
+    again = _dm(h5file, seed=3, num_folds=4, fold=3)
+    with pytest.warns(UserWarning, match="excluded"):
+        again.setup("test")
+    assert (again.splits["test"] == dm.splits["test"]).all()  # seeded: test reads the fold fit held out
+
+
+def test_cross_validation_options_are_checked_before_training(h5file, tmp_path):
+    with pytest.raises(ValueError, match=r"fold in \[0, num_folds\); got 4, 4"):
+        _dm(h5file, num_folds=4, fold=4)
+    with pytest.raises(ValueError, match=r"num_folds must be 0 \(none\) or >= 2.*got 1, 0"):
+        _dm(h5file, num_folds=1)
+    with pytest.raises(ValueError, match=r"test_dir .*layers.h5 is what test scores.*num_folds 4"):
+        _dm(h5file, num_folds=4, test_dir=str(h5file))
+    with pytest.raises(DataError, match="cannot split 4 groups into 5 folds"), pytest.warns(UserWarning):
+        _dm(h5file, num_folds=5).setup("fit")
+    published = write_layer_file(tmp_path / "published.h5")
+    with h5py.File(published, "a") as f:
+        for name, idx in {"train": [0, 1, 2, 6, 7, 8], "val": [3, 4], "test": [9, 10, 11]}.items():
+            f[f"splits/{name}"] = np.asarray(idx)
+    with pytest.raises(DataError, match=r"published.h5: num_folds 2 draws the test split.*split_by to subject"):
+        _dm(published, num_folds=2).setup("fit")
+
+
 def test_a_file_without_pixel_spacing_says_micrometres_are_not_reported(tmp_path):
     path = write_layer_file(tmp_path / "nospacing.h5", pixel_spacing_um=None)
     # the micrometre metrics used to be left out without a word
@@ -594,6 +630,15 @@ def test_real_duke_dme_file_loads_with_subject_wise_splits():
     assert set.union(*subjects.values()) == set(range(1, 9))
     for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
         assert not subjects[a] & subjects[b], (a, b)
+    # subject-wise 4-fold cross-validation: each of the 8 subjects is tested by exactly one fold
+    tested = []
+    for fold in range(4):
+        cv = OCTLayerDataModule(str(path), num_workers=0, layer_indices=[0, 7], num_folds=4, fold=fold)
+        cv.setup("fit")
+        test, train = (index.subjects[cv.splits[k]].tolist() for k in ("test", "train"))
+        assert len(set(test)) == 2 and not set(train) & set(test)
+        tested += test
+    assert sorted(set(tested)) == list(range(1, 9)) and len(tested) == 88
     batch = next(iter(dm.val_dataloader()))
     assert batch["image"].shape == (4, 3, 128, 128) and batch["coords"].shape == (4, 2, 64)
     assert batch["spacing_um"].tolist() == pytest.approx([3.87] * 4)

@@ -101,6 +101,19 @@ def test_layout_vendors_splits_and_whole_bscan_samples(retouch_root, cache_dir):
     assert by_slice[("TEST001", 0)]["IRF"] == ""  # prediction-only: presence unknown
 
 
+def test_cross_validation_folds_test_each_case_once_and_every_vendor_in_each_fold(retouch_root, cache_dir):
+    vendor = {c.name: c.vendor for c in find_cases(retouch_root)}
+    tested: list[str] = []
+    for fold in range(3):
+        parts = _dm(retouch_root, cache_dir, num_folds=3, fold=fold, val_fraction=0.5).split()
+        assert sorted(vendor[c] for c in parts["test"]) == ["Cirrus", "Spectralis"]  # stratified by vendor
+        assert not (set(parts["train"]) | set(parts["val"])) & set(parts["test"])
+        tested += parts["test"]
+    assert sorted(tested) == [f"TRAIN{i:03d}" for i in range(1, 7)]
+    with pytest.raises(ValueError, match="test_cases.*num_folds must then be 0"):
+        _dm(retouch_root, cache_dir, num_folds=3, test_cases=["TRAIN001"])
+
+
 def test_vendor_option_names_the_device_of_a_folder_without_one_and_unknown_vendor_is_an_error(tmp_path):
     image, labels = synthetic_case(np.random.default_rng(1), False)
     write_mhd(image, tmp_path / "CASE_A" / "oct.mhd")

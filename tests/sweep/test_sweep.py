@@ -339,6 +339,32 @@ def test_leaderboard_ranks_by_each_runs_monitor_and_collects_test_metrics(tmp_pa
     assert rows[0]["model.init_args.lr"] == "0.01" and rows[0]["monitor"] == "val/loss (min)"
     assert "| 1 | b | done | 0.01 |" in (folder / "leaderboard.md").read_text()
     assert (folder / "leaderboard.png").stat().st_size > 1000
+    assert not (folder / "cross_validation.csv").exists()  # no folds swept
+
+
+def test_a_sweep_over_folds_reports_the_mean_and_sd_of_each_setting_over_its_folds(tmp_path):
+    folder = tmp_path / "cv"
+    results = {("a", 0): (0.5, 1.0), ("a", 1): (0.7, 2.0), ("a", 2): (0.6, None), ("b", 0): (0.9, 4.0)}
+    for (net, fold), (val, test) in results.items():
+        d = folder / f"{net}{fold}"
+        d.mkdir(parents=True)
+        overrides = {"model.init_args.net": net, "data.init_args.fold": fold}
+        write_status(d, {"id": d.name, "state": "done", "overrides": overrides})
+        (d / "config.yaml").write_text("model:\n  init_args:\n    monitor: val/mae_px\n    monitor_mode: min\n")
+        with open(d / "metrics.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["epoch", "step", "val/mae_px", "test/mae_px"])
+            writer.writeheader()
+            writer.writerow({"epoch": 0, "step": 0, "val/mae_px": val})
+            if test is not None:  # fold a2's test has not run
+                writer.writerow({"epoch": 1, "step": 1, "test/mae_px": test})
+    assert main([str(folder), "--report"]) == 0
+    rows = {r["model.init_args.net"]: r for r in csv.DictReader(open(folder / "cross_validation.csv"))}
+    assert rows["a"]["folds"] == "3" and rows["a"]["test/mae_px folds"] == "2"
+    assert float(rows["a"]["test/mae_px mean"]) == pytest.approx(1.5)
+    assert float(rows["a"]["test/mae_px sd"]) == pytest.approx(0.70710678)  # sample sd of 1 and 2
+    assert float(rows["a"]["best mean"]) == pytest.approx(0.6) and rows["a"]["best folds"] == "3"
+    assert rows["b"]["test/mae_px mean"] == "4" and rows["b"]["test/mae_px sd"] == ""  # one fold: no sd
+    assert "## Cross-validation: mean and standard deviation over the folds" in (folder / "leaderboard.md").read_text()
 
 
 def test_upload_sends_every_runs_offline_archive_in_one_command(tmp_path, capsys):
@@ -358,3 +384,6 @@ def test_experiment_sweep_files_expand_and_parse():
     combos = {(r.overrides["model.init_args.lr"], r.overrides["data.init_args.batch_size"]) for r in vessel.runs}
     assert combos == {(1e-3, 4), (1e-3, 16), (1e-4, 4), (1e-4, 16)}
     assert {r.overrides["trainer.max_epochs"] for r in vessel.runs} == {100, 500, 1000}
+    cv = load_sweep(REPO / "experiments" / "oct_unet_cv.json")
+    folds = cv.fixed["data.init_args.num_folds"]
+    assert sorted(r.overrides["data.init_args.fold"] for r in cv.runs) == list(range(folds)) and cv.test

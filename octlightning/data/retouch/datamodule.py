@@ -36,6 +36,9 @@ class RetouchDataModule(BaseDataModule):
             case is labelled.
         test_dir: another folder of cases whose every labelled case ``test`` scores (preprocessed like
             ``predict_dir``); ``None`` tests ``root``'s test cases.
+        num_folds, fold: case-wise k-fold cross-validation, stratified by vendor: the test cases are fold
+            ``fold`` of ``num_folds`` of each vendor's labelled cases, in place of ``test_fraction`` (see
+            :class:`~octlightning.data.base.BaseDataModule`); not with ``test_cases``.
         in_channels: network input channels: 1 (grey) or 3 (grey repeated, for RGB-pretrained encoders).
         cache_mb: memory per loader process for the candidate patch centres of each training B-scan
             (see :class:`~octlightning.data.base.SampleCache`; 0 finds them again for every patch).
@@ -77,6 +80,8 @@ class RetouchDataModule(BaseDataModule):
         in_channels: int = 1,
         cache_mb: float = 1024,
         test_dir: str | None = None,
+        num_folds: int = 0,
+        fold: int = 0,
         cache_dir: str | None = None,
         vendor: str | None = None,
         histogram_reference: str | None = "Spectralis",
@@ -99,9 +104,11 @@ class RetouchDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb, test_dir,
+            in_channels, cache_mb, test_dir, num_folds=num_folds, fold=fold,
         )  # fmt: skip
         self.save_hyperparameters()
+        if num_folds and test_cases is not None:
+            raise ValueError(f"test_cases {test_cases} are the test split: num_folds must then be 0, got {num_folds}")
         if histogram_reference is not None and histogram_reference not in VENDORS:
             raise ValueError(f"histogram_reference must be one of {VENDORS} or null, got {histogram_reference!r}")
         self.settings = PreprocessSettings(
@@ -193,7 +200,7 @@ class RetouchDataModule(BaseDataModule):
                 ("val", self.val_fraction, self.val_cases),
                 ("test", self.test_fraction, self.test_cases),
             )
-            if given is None and f > 0
+            if given is None and (f > 0 or (p == "test" and self.num_folds))
         ]
         for vendor in VENDORS:
             pool = sorted(c.name for c in labelled if c.vendor == vendor and c.name not in fixed)
@@ -203,7 +210,7 @@ class RetouchDataModule(BaseDataModule):
                 parts["train"] += pool
                 continue
             try:
-                idx = split_indices(pool, [f for _, f in drawn], self.seed)
+                idx = split_indices(pool, [f for _, f in drawn], self.seed, self.num_folds, self.fold)
             except DataError as err:
                 raise DataError(f"{vendor} cases {pool}: {err}") from None
             parts["train"] += [pool[i] for i in idx[0]]
@@ -216,7 +223,7 @@ class RetouchDataModule(BaseDataModule):
         if not self._split_said:
             self._split_said = True
             said = "; ".join(f"{k} {v}" for k, v in parts.items())
-            rank_zero_info(f"RetouchDataModule: {self.root}: cases by split (seed {self.seed}): {said}")
+            rank_zero_info(f"RetouchDataModule: {self.root}: cases by split (seed {self.seed}{self.fold_note}): {said}")
         return parts
 
     # ----------------------------------------------------------------- stages
