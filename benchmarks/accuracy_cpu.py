@@ -205,11 +205,12 @@ def summarise(recipe: Recipe, root: Path, fold: int | None = None) -> dict[str, 
     steps = max((int(r["step"]) for r in rows if r.get("step")), default=-1) + 1
     test_rows = read_metrics(test / "metrics.csv")
     tested = {k: v for r in test_rows for k, v in r.items() if v}
-    wall = json.loads((fit / "wall.json").read_text())["wall_s"] if (fit / "wall.json").is_file() else math.nan
+    timing = json.loads((fit / "wall.json").read_text()) if (fit / "wall.json").is_file() else {}
+    wall, budget = timing.get("wall_s", math.nan), timing.get("budget_min", recipe.minutes)
     out = {
         "recipe": run_name(recipe, fold),
         "held out (val / test)": held_out(root / run_name(recipe, fold) / "fit.log"),
-        "budget": f"{recipe.minutes:g} min",
+        "budget": f"{budget:g} min",
         "wall": f"{wall / 60:.1f} min" if math.isfinite(wall) else "n/a",
         "epochs / steps": f"{epochs} / {steps}",
         "best epoch": best.get("epoch", "n/a"),
@@ -241,6 +242,27 @@ def fold_mean(recipe: Recipe, rows: list[dict[str, str]]) -> dict[str, str]:
             cells.append(f"{statistics.fmean(values):.3g}{sd}" if values else "n/a")
         out[key] = " / ".join(cells)
     return out
+
+
+def subject_rows(recipe: Recipe, root: Path, folds: int) -> list[dict[str, str]]:
+    """Per subject, from each fold's ``test/test_subjects.csv`` (OCT recipes): every subject is tested by
+    the one fold that held it out; then the mean over subjects."""
+    rows, values = [], {m: [] for m in recipe.metrics}
+    for fold in range(folds):
+        path = root / run_name(recipe, fold) / "test" / "test_subjects.csv"
+        for r in read_metrics(path):
+            row = {"recipe": recipe.name, "subject": r["subject"], "fold": str(fold), "B-scans": r["bscans"]}
+            for m in recipe.metrics:
+                row[m] = f"{float(r[m]):.3g}" if r.get(m) else "n/a"
+                if r.get(m):
+                    values[m].append(float(r[m]))
+            rows.append(row)
+    if rows:
+        mean = {"recipe": recipe.name, "subject": f"mean +- sd of {len(rows)}", "fold": "", "B-scans": ""}
+        for m, v in values.items():
+            mean[m] = f"{statistics.fmean(v):.3g} +- {statistics.stdev(v):.2g}" if len(v) > 1 else "n/a"
+        rows.append(mean)
+    return rows
 
 
 def table(rows: list[dict[str, str]]) -> str:
@@ -277,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
     root = Path(args.report or args.out).resolve()
     shared = Path(args.shared_data)
-    rows = []
+    rows: list[dict[str, str]] = []
+    per_subject: list[dict[str, str]] = []  # with --folds: each subject's test figures
     for recipe in chosen:
         if args.folds and recipe.name not in CROSS_VALIDATED:
             print(f"accuracy-cpu: {recipe.name}: its DataModule has no num_folds (own test split), skipped")
@@ -299,10 +322,16 @@ def main(argv: list[str] | None = None) -> int:
         rows += done
         if args.folds and done:
             rows.append(fold_mean(recipe, done))
+            per_subject += subject_rows(recipe, root, args.folds)
     text = (
         f"Measured {datetime.date.today()} on the CPU ({os.cpu_count()} cores); validation: the checkpointed "
         f"(best) epoch; test: that checkpoint on the test split. Both unseen in training.\n\n{table(rows)}\n"
     )
+    if per_subject:
+        text += (
+            "\nPer test subject (its fold's test split; errors pooled over the subject's annotated A-scans):\n\n"
+            f"{table(per_subject)}\n"
+        )
     print(text)
     root.mkdir(parents=True, exist_ok=True)
     (root / f"accuracy-cpu-{datetime.date.today()}.md").write_text(text)

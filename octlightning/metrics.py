@@ -399,6 +399,55 @@ class BoundaryError(torchmetrics.Metric):
         return out
 
 
+def boundary_errors_by_subject(rows: Sequence[dict[str, Any]], boundary_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-subject boundary errors pooled from the per-B-scan rows of a layer-regression test.
+
+    Each row carries ``subject``, ``mae_px_<name>`` and ``columns_<name>`` (the B-scan's mean absolute
+    error over its annotated A-scans, and their count) per boundary, optionally ``mae_um_<name>``,
+    ``thickness_mae_px``/``_um`` with ``_thickness_columns``. A subject's error per boundary is the mean
+    over all its annotated A-scans (each B-scan weighted by its column count), as ``BoundaryError``
+    computes over a split; ``mae_px``/``mae_um`` are the mean over boundaries. Returns one row per
+    subject, in subject order (numeric where they are numbers): ``subject``, ``bscans``, the pooled
+    values, ``columns_<name>``. Values without any annotated column are NaN. Rows without a ``subject``
+    are left out (none: ``[]``).
+    """
+    by_subject: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("subject") is not None:
+            by_subject.setdefault(row["subject"], []).append(row)
+
+    def pooled(members: list[dict[str, Any]], value: str, count: str) -> tuple[float, int]:
+        pairs = [(float(r[value]), int(r[count])) for r in members if value in r and int(r.get(count, 0)) > 0]
+        n = sum(c for _, c in pairs)
+        return (sum(v * c for v, c in pairs) / n if n else float("nan")), n
+
+    def numeric_first(subject: Any) -> tuple[int, float, str]:  # subjects "2" before "10"
+        try:
+            return 0, float(subject), ""
+        except (TypeError, ValueError):
+            return 1, 0.0, str(subject)
+
+    out = []
+    for subject in sorted(by_subject, key=numeric_first):
+        members = by_subject[subject]
+        row: dict[str, Any] = {"subject": subject, "bscans": len(members)}
+        columns = {}
+        for unit in ("px", "um"):
+            if not any(f"mae_{unit}_{boundary_names[0]}" in r for r in members):
+                continue
+            per = {}
+            for name in boundary_names:
+                per[name], columns[name] = pooled(members, f"mae_{unit}_{name}", f"columns_{name}")
+            finite = [v for v in per.values() if math.isfinite(v)]
+            row[f"mae_{unit}"] = sum(finite) / len(finite) if finite else float("nan")
+            row.update({f"mae_{unit}_{name}": v for name, v in per.items()})
+            if any("_thickness_columns" in r for r in members):
+                row[f"thickness_mae_{unit}"], _ = pooled(members, f"thickness_mae_{unit}", "_thickness_columns")
+        row.update({f"columns_{name}": n for name, n in columns.items()})
+        out.append(row)
+    return out
+
+
 ISIC_JACCARD_THRESHOLD = 0.65
 
 

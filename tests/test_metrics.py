@@ -7,6 +7,7 @@ from torchmetrics.classification import MulticlassStatScores
 
 from octlightning.metrics import (
     SliceCounts,
+    boundary_errors_by_subject,
     confusion_counts,
     counts_from_stat_scores,
     score_volumes,
@@ -74,3 +75,20 @@ def test_volume_hd95_skips_slices_where_the_class_is_absent_from_both():
     ]
     (v,) = score_volumes(slices, hd95_unit="mm")
     assert v["hd95_mm"] == 2.0 and v["dice"] == 1.0
+
+
+def test_subject_boundary_errors_pool_every_annotated_a_scan_of_the_subject():
+    rows = [
+        {"id": "a", "subject": "10", "mae_px_ILM": 2.0, "columns_ILM": 10, "mae_px_BM": 1.0, "columns_BM": 10},
+        {"id": "b", "subject": "10", "mae_px_ILM": 4.0, "columns_ILM": 30, "mae_px_BM": 3.0, "columns_BM": 10},
+        {"id": "c", "subject": "2", "mae_px_ILM": float("nan"), "columns_ILM": 0, "mae_px_BM": 5.0, "columns_BM": 4},
+        {"id": "d", "mae_px_ILM": 9.0, "columns_ILM": 4, "mae_px_BM": 9.0, "columns_BM": 4},  # no subject
+    ]
+    two, ten = boundary_errors_by_subject(rows, ["ILM", "BM"])  # "2" before "10"
+    assert (two["subject"], two["bscans"], ten["subject"], ten["bscans"]) == ("2", 1, "10", 2)
+    # a B-scan's mean counts by its columns: (2 * 10 + 4 * 30) / 40, not (2 + 4) / 2
+    assert ten["mae_px_ILM"] == pytest.approx(3.5) and ten["mae_px_BM"] == pytest.approx(2.0)
+    assert ten["mae_px"] == pytest.approx(2.75) and (ten["columns_ILM"], ten["columns_BM"]) == (40, 20)
+    assert np.isnan(two["mae_px_ILM"]) and two["mae_px"] == pytest.approx(5.0)  # no ILM column annotated
+    assert "mae_um" not in ten  # no micrometre values, no micrometre columns
+    assert boundary_errors_by_subject(rows[3:], ["ILM", "BM"]) == []

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from octlightning.data.coords import resample_columns, rescale_rows
 from octlightning.losses import boundary_regression_loss
-from octlightning.metrics import BoundaryError, boundary_abs_errors
+from octlightning.metrics import BoundaryError, boundary_abs_errors, boundary_errors_by_subject
 from octlightning.tasks.base import BaseTask
 from octlightning.visualize import PALETTE, save_png, to_display
 
@@ -246,9 +246,10 @@ class LayerRegressionTask(BaseTask):
         e = boundary_abs_errors(pred, batch["coords"], batch["valid"], self.row_scale(batch), self.thickness_between)
         n = e["valid"].sum(-1)
         mae = (e["err"].sum(-1) / n).cpu()  # (B, L), NaN where a boundary has no annotated column
-        thick = None
+        thick = thick_n = None
         if self.thickness_between is not None:
-            thick = (e["thickness_err"].sum(-1) / e["thickness_valid"].sum(-1)).cpu()
+            thick_n = e["thickness_valid"].sum(-1)
+            thick = (e["thickness_err"].sum(-1) / thick_n).cpu()
         for i, sample_id in enumerate(batch["id"]):
             row: dict[str, Any] = {"id": sample_id}
             if "subject" in batch:
@@ -264,11 +265,18 @@ class LayerRegressionTask(BaseTask):
             if np.isfinite(spacing):
                 row.update({k.replace("_px", "_um"): float(v) * spacing for k, v in px.items()})
             row.update({f"columns_{k}": int(c) for k, c in zip(self.boundary_names, n[i], strict=True)})
+            if thick_n is not None:
+                row["_thickness_columns"] = int(thick_n[i])  # for the per-subject pooling only
             self.add_result_row(row)
 
     def on_test_epoch_end(self) -> None:
+        """Log the split's errors; write ``test_metrics.csv`` (one row per B-scan) and, when the samples
+        carry subjects, ``test_subjects.csv`` (one row per subject, pooled over its annotated A-scans:
+        :func:`~octlightning.metrics.boundary_errors_by_subject`), the figure papers on Duke DME report."""
         self._log_metrics(self.test_metrics, "test")
-        self.write_csv(self.gather_result_rows(), "test_metrics.csv")
+        rows = self.gather_result_rows()
+        self.write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], "test_metrics.csv")
+        self.write_csv(boundary_errors_by_subject(rows, self.boundary_names), "test_subjects.csv")
 
     # ----------------------------------------------------------------- prediction
     def sample_mc_dropout(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:

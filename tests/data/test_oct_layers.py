@@ -576,6 +576,12 @@ def test_fit_checkpoints_on_boundary_error_then_test_and_predict_write_results(h
     for r in rows:
         assert float(r["mae_um_ILM"]) == pytest.approx(3.87 * float(r["mae_px_ILM"]), rel=1e-4)
         assert 0 < int(r["columns_BM"]) <= 32
+    # per subject, pooled over its annotated A-scans: for the one test subject, the split's logged figures
+    (subject,) = csv.DictReader(open(next((tmp_path / "test").rglob("test_subjects.csv"))))
+    assert subject["subject"] == rows[0]["subject"] and int(subject["bscans"]) == len(rows)
+    for key in ("mae_px", "mae_px_ILM", "mae_um_BM", "thickness_mae_px", "thickness_mae_um"):
+        assert float(subject[key]) == pytest.approx(float(cli.trainer.callback_metrics[f"test/{key}"]), rel=1e-4), key
+    assert "_thickness_columns" not in rows[0]
 
     run_cli(
         _cli_args(
