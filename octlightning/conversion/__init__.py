@@ -27,7 +27,9 @@ def build_parser(prog: str = "octlightning convert") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="converter", required=True, metavar="CONVERTER")
     for name, module_name in CONVERTERS.items():
         module = importlib.import_module(module_name)
-        conv = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        conv = sub.add_parser(
+            name, help=module.HELP, description=module.HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         module.add_arguments(conv)
         conv.set_defaults(run=module.run)
     return parser

@@ -456,3 +456,11 @@ def test_convert_command_runs_each_converter(semseg_root, tmp_path, capsys):
     args = ["synthetic", "drive", str(tmp_path / "drive"), "--n-train", "1", "--n-test", "1", "--size", "40", "48"]
     assert convert_main(args) == 0
     assert Image.open(tmp_path / "drive" / "training" / "images" / "21_training.tif").size == (48, 40)
+
+
+def test_converter_help_shows_each_options_default(capsys):
+    # a user choosing the split had to read the source for the fractions and seed it uses
+    with pytest.raises(SystemExit):
+        convert_main(["h5-to-mirage", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "share of subjects for val/ (default: 0.2)" in shown and "seed of the subject split (default: 42)" in shown
