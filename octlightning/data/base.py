@@ -191,12 +191,12 @@ class BaseDataModule(L.LightningDataModule):
             scores whole: every annotated sample of it, whatever ``root``'s splits; ``None`` tests the
             test split of ``root``. For evaluating on a held-out dataset (train on DRIVE, test on
             CHASE_DB1; train on one HDF5 file, test on another).
-        num_folds, fold: group-wise k-fold cross-validation where the test split is drawn from ``root``
-            (0: none): the test split is fold ``fold`` (0-based) of ``num_folds`` seeded folds of the
-            groups, in place of ``test_fraction``; validation is drawn from the other folds by
-            ``val_fraction``. Running every ``fold`` with one ``seed`` tests each group exactly once
-            (``experiments/oct_unet_cv.json`` sweeps them; the sweep's ``cross_validation.csv`` averages
-            the folds).
+        num_folds: group-wise k-fold cross-validation where the test split is drawn from ``root`` (0:
+            none): the test split is fold ``fold`` of ``num_folds`` seeded folds of the groups, in place
+            of ``test_fraction``; validation is drawn from the other folds by ``val_fraction``. Running
+            every ``fold`` with one ``seed`` tests each group exactly once (``experiments/oct_unet_cv.json``
+            sweeps them; the sweep's ``cross_validation.csv`` averages the folds).
+        fold: the fold (0-based, below ``num_folds``) that is the test split.
 
     What the model must agree with, read by the CLI and linked into the model's arguments (typed once,
     in the data): :attr:`in_channels`; for segmentation :attr:`num_classes` (network output channels:

@@ -231,9 +231,10 @@ class MaskFolderDataModule(BaseDataModule):
         test_dir: another dataset folder of the same layout (the same folder names, ``image_glob`` and
             ``mask_pattern``) whose every pair ``test`` scores: its training, validation and test folders,
             those that exist; ``None`` tests ``root``'s test folder or held-out share.
-        num_folds, fold: image-wise k-fold cross-validation of a dataset without a test folder: the
-            test split is fold ``fold`` of ``num_folds``, in place of ``test_fraction`` (see
-            :class:`~octlightning.data.base.BaseDataModule`).
+        num_folds: image-wise k-fold cross-validation of a dataset without a test folder (0: none): the
+            test split is fold ``fold`` of ``num_folds`` folds of the training images, in place of
+            ``test_fraction``; validation is ``val_fraction`` of the other images.
+        fold: the fold (0-based, below ``num_folds``) that is the test split.
         cache_mb: memory per loader process for decoded, resized training and validation pairs (see
             :class:`~octlightning.data.base.SampleCache`; 0 decodes every file at every epoch).
     """

@@ -176,9 +176,10 @@ class OCTLayerDataModule(BaseDataModule):
             B-scans with ``split_by: bscan``).
         test_dir: another HDF5 file of the same layout whose every annotated B-scan ``test`` scores
             (``root``'s splits are not used for it); ``None`` tests ``root``'s test split.
-        num_folds, fold: subject-wise k-fold cross-validation (by B-scan with ``split_by: bscan``): the
-            test split is fold ``fold`` of ``num_folds``, in place of ``test_fraction`` (see
-            :class:`~octlightning.data.base.BaseDataModule`).
+        num_folds: subject-wise k-fold cross-validation (by B-scan with ``split_by: bscan``; 0: none):
+            the test split is fold ``fold`` of ``num_folds`` folds of the subjects, in place of
+            ``test_fraction``; validation is ``val_fraction`` of the other subjects.
+        fold: the fold (0-based, below ``num_folds``) that is the test split.
         predict_dir: HDF5 file to predict (its ``layer_key`` dataset is optional); ``None`` predicts
             what ``test`` scores: every B-scan of ``test_dir`` when given, else the test split.
         in_channels: 3 (grey replicated, ImageNet normalisation, for pretrained backbones) or 1.

@@ -36,9 +36,10 @@ class RetouchDataModule(BaseDataModule):
             case is labelled.
         test_dir: another folder of cases whose every labelled case ``test`` scores (preprocessed like
             ``predict_dir``); ``None`` tests ``root``'s test cases.
-        num_folds, fold: case-wise k-fold cross-validation, stratified by vendor: the test cases are fold
-            ``fold`` of ``num_folds`` of each vendor's labelled cases, in place of ``test_fraction`` (see
-            :class:`~octlightning.data.base.BaseDataModule`); not with ``test_cases``.
+        num_folds: case-wise k-fold cross-validation, stratified by vendor (0: none): the test cases are
+            fold ``fold`` of ``num_folds`` folds of each vendor's labelled cases, in place of
+            ``test_fraction``; not with ``test_cases``.
+        fold: the fold (0-based, below ``num_folds``) that is the test split.
         in_channels: network input channels: 1 (grey) or 3 (grey repeated, for RGB-pretrained encoders).
         cache_mb: memory per loader process for the candidate patch centres of each training B-scan
             (see :class:`~octlightning.data.base.SampleCache`; 0 finds them again for every patch).
