@@ -79,6 +79,8 @@ def convert_h5(
     seed: int = 42,
     overwrite: bool = False,
     subjects: list[int] | None = None,
+    num_folds: int = 0,
+    fold: int = 0,
 ) -> Path:
     """Write the MIRAGE layout from an HDF5 OCT file, split by subject (seeded).
 
@@ -91,7 +93,15 @@ def convert_h5(
     annotated (NaN boundaries) and that are not fluid get the INFO.json entry ``Invalid`` (value 255),
     which :class:`~octlightning.data.oct_semseg.OCTSemSegDataModule` excludes from losses and metrics. Files are named
     ``subject<SS>_<BBB>.png`` so that each subject is one volume. ``subjects`` converts only those
-    subjects (e.g. to hold some out entirely). Returns ``out_dir``.
+    subjects (e.g. to hold some out entirely). ``num_folds`` >= 2 makes ``test/`` fold ``fold`` of that
+    many seeded folds of the subjects, in place of ``test_fraction`` (one layout per fold, written by one
+    call each, cross-validates the foundation recipe; see :func:`~octlightning.data.base.split_indices`).
+    Returns ``out_dir``.
+
+    Raises:
+        DataError: a dataset missing or of another shape, too few subjects for the parts or folds.
+        ValueError: ``fold`` not in ``[0, num_folds)``.
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
     """
     h5_path, out = Path(h5_path), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -133,7 +143,7 @@ def convert_h5(
         write_info(out / "INFO.json", names, values, IGNORE_VALUE)
         info = read_info(out / "INFO.json")
 
-        parts = split_indices(all_subjects[keep], [val_fraction, test_fraction], seed)
+        parts = split_indices(all_subjects[keep], [val_fraction, test_fraction], seed, num_folds, fold)
         split_of = {}
         for split, idx in zip(SPLITS, parts, strict=True):
             for i in keep[idx]:
@@ -150,7 +160,10 @@ def convert_h5(
             write_sample(out / split_of[i], stem, images[i], info.to_values(labels, valid))
     groups = {s: sorted({int(all_subjects[i]) for i in keep[idx]}) for s, idx in zip(SPLITS, parts, strict=True)}
     (out / "split.json").write_text(
-        json.dumps({"source": str(h5_path), "seed": seed, "subjects": groups}, indent=2) + "\n"
+        json.dumps(
+            {"source": str(h5_path), "seed": seed, "num_folds": num_folds, "fold": fold, "subjects": groups}, indent=2
+        )
+        + "\n"
     )
     return out
 
@@ -164,13 +177,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seed of the subject split")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     parser.add_argument("--subjects", type=int, nargs="+", default=None, help="convert only these subjects")
+    parser.add_argument(
+        "--num-folds", type=int, default=0, help="k-fold cross-validation: test/ is one fold of the subjects (0: none)"
+    )
+    parser.add_argument("--fold", type=int, default=0, help="with --num-folds: the fold (0-based) written as test/")
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert as the parsed ``args`` say; print where the subjects went. Returns the exit status."""
     out = convert_h5(
-        args.h5, args.out_dir, args.val_fraction, args.test_fraction, args.seed, args.overwrite, args.subjects
-    )
+        args.h5, args.out_dir, args.val_fraction, args.test_fraction, args.seed, args.overwrite, args.subjects,
+        args.num_folds, args.fold,
+    )  # fmt: skip
     split = json.loads((out / "split.json").read_text())["subjects"]
     print(f"wrote {out} (subjects: {split})")
     return 0

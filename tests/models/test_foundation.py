@@ -464,3 +464,16 @@ def test_converter_help_shows_each_options_default(capsys):
         convert_main(["h5-to-mirage", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "share of subjects for val/ (default: 0.2)" in shown and "seed of the subject split (default: 42)" in shown
+
+
+def test_converter_writes_one_cross_validation_fold_per_call(semseg_root, tmp_path):
+    h5 = semseg_root.parent / "oct.h5"
+    tested = []
+    for fold in range(5):
+        out = tmp_path / f"fold{fold}"
+        assert convert_main(["h5-to-mirage", str(h5), str(out), "--num-folds", "5", "--fold", str(fold)]) == 0
+        split = json.loads((out / "split.json").read_text())
+        assert (split["num_folds"], split["fold"]) == (5, fold) and len(split["subjects"]["test"]) == 1
+        assert not set(split["subjects"]["test"]) & set(split["subjects"]["train"] + split["subjects"]["val"])
+        tested += split["subjects"]["test"]
+    assert sorted(tested) == [1, 2, 3, 4, 5]  # each subject is test/ in exactly one fold
