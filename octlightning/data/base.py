@@ -174,7 +174,10 @@ class BaseDataModule(L.LightningDataModule):
     """The contract every octlightning DataModule meets: one name for each shared setting, and what the
     model must agree with.
 
-    Shared arguments (every DataModule takes them under these names):
+    Every DataModule takes the shared arguments under these names (``--data.help CLASS`` shows these
+    descriptions for a subclass that does not document one itself).
+
+    Args:
         root: the dataset folder or file.
         batch_size: training batch size.
         eval_batch_size: batch size for validation/test/predict (``None``: ``batch_size``).

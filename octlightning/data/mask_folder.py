@@ -213,11 +213,13 @@ class MaskFolderDataModule(BaseDataModule):
         root: dataset folder.
         batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
         in_channels: 3: images are read as RGB (dermoscopy, endoscopy photographs).
-        image_dir, mask_dir: training images and masks.
-        val_image_dir, val_mask_dir: validation folders, used when ``val_image_dir`` exists
-            (``None``: always split the training set).
-        test_image_dir, test_mask_dir: test folders, used when ``test_image_dir`` exists; ``test``
-            needs the masks, ``predict`` only the images.
+        image_dir: training images.
+        mask_dir: training masks.
+        val_image_dir: validation images, used when the folder exists (``None``: always split the
+            training set).
+        val_mask_dir: validation masks.
+        test_image_dir: test images, used when the folder exists; ``predict`` needs only these.
+        test_mask_dir: test masks, which ``test`` needs.
         image_glob: which files in an image folder are images (``*.jpg``; ``*.png``; ``*/*.bmp``).
         mask_pattern: a mask's path relative to its folder, ``{stem}`` = the image name without
             extension (``{stem}_segmentation.png`` for ISIC, ``{stem}.png``, ...).

@@ -172,8 +172,9 @@ class OCTLayerDataModule(BaseDataModule):
     Args:
         root: the HDF5 file.
         batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
-        val_fraction, test_fraction: held-out parts; below 1 a fraction, else a count, of subjects (of
+        val_fraction: held out for validation: below 1 a fraction, else a count, of subjects (of
             B-scans with ``split_by: bscan``).
+        test_fraction: held out for ``test``, as ``val_fraction`` (0: none).
         test_dir: another HDF5 file of the same layout whose every annotated B-scan ``test`` scores
             (``root``'s splits are not used for it); ``None`` tests ``root``'s test split.
         num_folds: subject-wise k-fold cross-validation (by B-scan with ``split_by: bscan``; 0: none):
@@ -193,16 +194,19 @@ class OCTLayerDataModule(BaseDataModule):
         boundary_names: one name per chosen boundary, top first (metric and CSV column names); ``None``:
             the file's ``boundary_names`` attribute where it has one, else ``ILM`` and ``BM`` when the
             first and last boundary are chosen (the default), else ``boundary<index>``.
-        image_key, layer_key, subject_key: dataset names in the file; the subject dataset (default
-            ``subject``; e.g. ``patient_indices`` in other exports) is needed to split by subject.
+        image_key: the B-scans' dataset name in the file.
+        layer_key: the boundary rows' dataset name in the file.
+        subject_key: the subject dataset's name (e.g. ``patient_indices`` in other exports), needed to
+            split by subject.
         split_by: ``None`` (default): the file's own ``splits`` group when it has one
             (:mod:`~octlightning.data.formats.layer_h5`), else by subject. ``file``: the ``splits``
             group, required. ``subject``: seeded by ``subject_key`` (a file without it is an error
             listing its datasets). ``bscan``: seeded by B-scan, for files without subjects, knowing
             that B-scans of one eye then land in training and test and inflate every metric.
-        image_axes, layer_axes: the stored axis order of ``image_key`` (letters ``N``, ``H``, ``W``;
-            default ``NHW``) and ``layer_key`` (``N``, ``W``, ``L``; default ``NWL``). MATLAB exports
-            store ``HWN`` and ``LWN`` (or ``NLW``).
+        image_axes: the stored axis order of ``image_key`` (letters ``N``, ``H``, ``W``); MATLAB
+            exports store ``HWN``.
+        layer_axes: the stored axis order of ``layer_key`` (letters ``N``, ``W``, ``L``); MATLAB exports
+            store ``LWN`` (or ``NLW``).
         nan_policy: ``mask`` (unannotated columns carry ``valid = False``; losses and metrics ignore
             them) or ``interpolate`` (interior gaps filled linearly, columns outside the annotation
             stay masked).

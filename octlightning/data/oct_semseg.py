@@ -110,7 +110,8 @@ class OCTSemSegDataModule(BaseDataModule):
         root: the dataset folder (holding ``INFO.json`` and ``train/``, ``val/``, ``test/``, or, for an
             evaluation-only set, ``bscan/`` and ``semseg/``).
         batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
-        val_fraction, test_fraction: must stay 0: the layout brings its own ``val/`` and ``test/``.
+        val_fraction: must stay 0: the layout brings its own ``val/``.
+        test_fraction: must stay 0: the layout brings its own ``test/``.
         info: the ``INFO.json`` to use (default ``<root>/INFO.json``).
         ignore_labels: INFO.json labels (substrings, case-insensitive) that mark unannotated pixels
             (default ``["invalid"]``).

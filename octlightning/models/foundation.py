@@ -264,10 +264,16 @@ class FoundationSegNet(nn.Module):
         weights_key: sub-dictionary of the checkpoint holding the state dict (default: auto-unwrap).
         key_map: checkpoint key prefix -> timm key prefix (default: the preset's, MIRAGE names).
         in_channels: input channels (``None``: the preset's: 1 for MIRAGE, 3 for RETFound).
-        img_size, patch_size, embed_dim, depth, num_heads: encoder shape overrides.
+        img_size: input size in pixels (``None``: the preset's); a checkpoint's position embeddings are
+            resampled to it.
+        patch_size: ViT patch size override (``None``: the preset's).
+        embed_dim: ViT width override (``None``: the preset's).
+        depth: ViT block count override (``None``: the preset's).
+        num_heads: attention head count override (``None``: the preset's).
         decoder: ``convnext`` (upsampling ConvNeXt decoder) or ``linear`` (per-patch linear probe).
-        decoder_channels, decoder_upscale, decoder_depth: ConvNeXt decoder width, in-decoder upsampling
-            factor per patch and number of blocks.
+        decoder_channels: ConvNeXt decoder width.
+        decoder_upscale: the decoder's upsampling factor per patch.
+        decoder_depth: number of ConvNeXt decoder blocks.
         mode: ``frozen`` (encoder weights fixed, in eval mode, run without gradients) or ``finetune``.
         layer_decay: layer-wise learning-rate decay for ``finetune`` (1.0 = off): block ``i`` of ``L``
             trains at ``lr * layer_decay ** (L + 1 - (i + 1))``, the embeddings at ``layer_decay ** (L + 1)``.

@@ -62,8 +62,9 @@ class SMPNet(nn.Module):
             a path to a local state-dict file for the encoder (``.pth``/``.pt``/``.safetensors``;
             torchvision, smp or octlightning checkpoints), or a hub name such as ``"imagenet"``,
             which smp downloads and so needs the network (and ``HF_HUB_OFFLINE=0``).
-        in_channels, num_classes: input channels and output channels (1 = binary). Local RGB weights are
-            adapted to other ``in_channels`` the way smp adapts its own.
+        in_channels: input channels; local RGB weights are adapted to other ``in_channels`` the way
+            smp adapts its own.
+        num_classes: output channels (1 = binary).
         arch_kwargs: further arguments of the architecture, e.g. for DeepLabV3Plus
             ``{"decoder_atrous_rates": [6, 12, 18], "encoder_output_stride": 16}``. (A config cannot
             reach ``**kwargs``, hence this dictionary.)

@@ -86,7 +86,8 @@ class LayerRegressionTask(BaseTask):
             distance is the thickness; ``None`` disables thickness metrics and outputs.
         mc_samples: at ``predict``, run the network this many times with its dropout active and
             write the mean and standard deviation (MC dropout; the net needs ``dropout > 0``).
-        monitor, monitor_mode: checkpoint / early-stopping metric (``val/mae_px``, minimised).
+        monitor: checkpoint / early-stopping metric (``val/mae_px``).
+        monitor_mode: ``min``: a smaller boundary error is better.
         lr, weight_decay, optimizer, scheduler, warmup_epochs, channels_last, compile: see
             :class:`~octlightning.tasks.base.BaseTask`.
     """

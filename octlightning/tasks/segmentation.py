@@ -57,11 +57,15 @@ class SegmentationTask(BaseTask):
             (torchmetrics ``BinaryAUROC(thresholds=None)``, equal to ``sklearn.metrics.roc_auc_score`` on
             the same pixels: the DRIVE protocol); it keeps every scored pixel (5 bytes each), so very large
             test sets (ISIC at original size) can bin it over this many thresholds instead.
-        monitor, monitor_mode: checkpoint / early-stopping metric (``val/dice``, maximised).
+        monitor: checkpoint / early-stopping metric (``val/dice``).
+        monitor_mode: ``max`` for Dice, IoU, AUROC; ``min`` for a loss or a distance.
         sliding_window: ``[height, width]`` tile for validation/test/predict forwards (networks trained on
             patches); tiles overlap by ``sliding_window_overlap`` and are blended with
             ``sliding_window_blend`` weights (:func:`octlightning.inference.sliding_window`). ``None``
             runs the network on the whole (padded) image.
+        sliding_window_overlap: fraction of a tile shared by neighbouring tiles, in ``[0, 1)``.
+        sliding_window_blend: tile weighting: ``gaussian`` (centre-weighted, as nnU-Net), ``linear`` or
+            ``constant``.
         hd95: also score each test image's classes by the 95th-percentile Hausdorff distance
             (:func:`octlightning.metrics.hd95_per_class`: NaN when a class is absent from both prediction
             and reference, the image diagonal when absent from one), in mm where the samples carry the

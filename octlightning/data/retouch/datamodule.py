@@ -30,7 +30,8 @@ class RetouchDataModule(BaseDataModule):
         eval_batch_size: validation/test/predict batch size; evaluation batches are whole B-scans, keep
             it small.
         num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
-        val_fraction, test_fraction: share of each vendor's labelled cases for validation / test.
+        val_fraction: share of each vendor's labelled cases for validation.
+        test_fraction: share of each vendor's labelled cases for test.
         predict_dir: another folder of cases to predict (matched to this dataset's reference histogram).
             Without it, ``predict`` takes the cases without ``reference.mhd``, or the test cases when every
             case is labelled.
@@ -53,13 +54,19 @@ class RetouchDataModule(BaseDataModule):
             ``None`` switches histogram matching off.
         intensity_percentiles: grey values mapped to 0 and 255 before matching.
         median_size: odd median filter size per B-scan (1 disables).
-        roi_downsample, roi_smoothing, roi_levels, roi_background_percentile, roi_entropy_radius,
-            roi_closing_radius: ROI extraction, see :func:`~.preprocess.retina_roi`.
+        roi_downsample: the retina ROI (:func:`~.preprocess.retina_roi`) is found on the B-scan shrunk
+            by this factor.
+        roi_smoothing: Gaussian sigma (shrunk pixels) before the ROI's entropy is computed.
+        roi_levels: grey levels the shrunk B-scan is quantised to for the entropy.
+        roi_background_percentile: grey-value percentile below which the B-scan is background.
+        roi_entropy_radius: radius (shrunk pixels) of the local-entropy disk.
+        roi_closing_radius: radius (shrunk pixels) of the closing that makes the ROI solid (0: none).
         patch_size: training patch ``[height, width]`` in pixels (rows, columns of a B-scan).
         positive_fraction: share of each epoch's patches that are centred on fluid.
         balance_fluids: draw positive patches evenly over the fluid classes present.
         patches_per_epoch: patches per training epoch (default: one per training B-scan).
-        val_cases, test_cases: explicit case names (override the fractions; may overlap each other,
+        val_cases: explicit validation case names (override ``val_fraction``; never training).
+        test_cases: explicit test case names (override ``test_fraction``; may overlap ``val_cases``,
             never training).
         augment: horizontal flips and brightness/contrast changes of training patches.
         pad_to: whole B-scans are padded to a multiple of this (the network's stride).
