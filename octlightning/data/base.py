@@ -256,11 +256,6 @@ class BaseDataModule(L.LightningDataModule):
             require_fold(num_folds, fold)
             if "test" in self.own_splits:
                 raise ValueError(f"{name}: num_folds must be 0: the test split is {self.own_splits['test']}")
-            if test_dir is not None:
-                raise ValueError(
-                    f"{name}: test_dir {test_dir} is what test scores, so the folds (num_folds {num_folds}) would only "
-                    f"hold fold {fold} out of training; set num_folds 0, or test_dir null to test the fold"
-                )
         if in_channels not in self.channel_choices:
             choices = " or ".join(f"{k} ({what})" for k, what in self.channel_choices.items())
             raise ValueError(f"{name}: in_channels must be {choices}, got {in_channels}")
@@ -306,15 +301,17 @@ class BaseDataModule(L.LightningDataModule):
         return f", test = fold {self.fold} of {self.num_folds}" if self.num_folds else ""
 
     def warn_unused_test_split(self, held_out: str) -> None:
-        """Warn, when ``test_dir`` is set, that the test split ``test_fraction`` drew from ``root``
+        """Warn, when ``test_dir`` is set, that the test split ``test_fraction`` (or the fold) drew from ``root``
         (``held_out`` names it, e.g. ``"subjects [1] (11 B-scans)"``) is neither trained on nor tested.
 
-        Subclasses call it where their split draws a test part by fraction."""
+        Subclasses call it where their split draws a test part (by fraction or fold)."""
         if self.test_dir is not None:
+            rule, option = f"test_fraction {self.test_fraction}", "--data.init_args.test_fraction 0"
+            if self.num_folds:
+                rule, option = f"fold {self.fold} of num_folds {self.num_folds}", "--data.init_args.num_folds 0"
             warnings.warn(
                 f"{type(self).__name__}: test scores test_dir {self.test_dir}, so {held_out}, held out of root by "
-                f"test_fraction {self.test_fraction}, is neither trained on nor tested; set "
-                f"--data.init_args.test_fraction 0 to train on it",
+                f"{rule}, is neither trained on nor tested; set {option} to train on it",
                 stacklevel=2,
             )
 
