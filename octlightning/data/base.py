@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from octlightning.data.training_loader import ContinuousTrainLoader
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 
 
 def default_num_workers() -> int:
@@ -29,10 +29,13 @@ def default_num_workers() -> int:
 
 
 def require_fold(num_folds: int, fold: int) -> None:
-    """Raise ``ValueError`` unless ``num_folds`` is 0 (no cross-validation) or >= 2 with ``fold`` in
+    """Raise :class:`ConfigError` unless ``num_folds`` is 0 (no cross-validation) or >= 2 with ``fold`` in
     ``[0, num_folds)``."""
     if num_folds and (num_folds < 2 or not 0 <= fold < num_folds):
-        raise ValueError(f"num_folds must be 0 (none) or >= 2, and fold in [0, num_folds); got {num_folds}, {fold}")
+        raise ConfigError(
+            f"--data.init_args.num_folds must be 0 (none) or >= 2, and --data.init_args.fold in [0, num_folds); "
+            f"got num_folds {num_folds}, fold {fold}"
+        )
 
 
 def split_indices(
@@ -52,7 +55,7 @@ def split_indices(
     Raises:
         DataError: the parts would leave no group for the first part (training), or there are fewer
             groups than folds.
-        ValueError: ``fold`` is not in ``[0, num_folds)``, or ``num_folds`` is 1 or negative.
+        ConfigError: ``fold`` is not in ``[0, num_folds)``, or ``num_folds`` is 1 or negative.
     """
     groups = np.asarray(groups)
     unique = np.unique(groups)
@@ -62,7 +65,10 @@ def split_indices(
     if num_folds:
         require_fold(num_folds, fold)
         if len(unique) < num_folds:
-            raise DataError(f"cannot split {len(unique)} groups into {num_folds} folds")
+            raise DataError(
+                f"num_folds {num_folds} is more than the {len(unique)} groups (subjects, cases or images) to split; "
+                f"use at most {len(unique)} folds"
+            )
         last = np.array_split(order, num_folds)[fold]
         order, fractions = order[~np.isin(order, last)], fractions[:-1]
     counts = [int(round(f * len(order))) if f < 1 else int(f) for f in fractions]
@@ -247,18 +253,21 @@ class BaseDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if val_fraction < 0 or test_fraction < 0:
-            raise ValueError(f"val_fraction and test_fraction must be >= 0, got {val_fraction}, {test_fraction}")
+            raise ConfigError(f"val_fraction and test_fraction must be >= 0, got {val_fraction}, {test_fraction}")
         name = type(self).__name__
         for split, fraction in (("val", val_fraction), ("test", test_fraction)):
             if fraction and split in self.own_splits:
-                raise ValueError(f"{name}: {split}_fraction must be 0: the {split} split is {self.own_splits[split]}")
+                raise ConfigError(f"{name}: {split}_fraction must be 0: the {split} split is {self.own_splits[split]}")
         if num_folds:
             require_fold(num_folds, fold)
             if "test" in self.own_splits:
-                raise ValueError(f"{name}: num_folds must be 0: the test split is {self.own_splits['test']}")
+                raise ConfigError(
+                    f"{name}: num_folds must be 0: the test split is {self.own_splits['test']}, so there is no "
+                    f"test split to cross-validate"
+                )
         if in_channels not in self.channel_choices:
             choices = " or ".join(f"{k} ({what})" for k, what in self.channel_choices.items())
-            raise ValueError(f"{name}: in_channels must be {choices}, got {in_channels}")
+            raise ConfigError(f"{name}: in_channels must be {choices}, got {in_channels}")
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -310,8 +319,8 @@ class BaseDataModule(L.LightningDataModule):
             if self.num_folds:
                 rule, option = f"fold {self.fold} of num_folds {self.num_folds}", "--data.init_args.num_folds 0"
             warnings.warn(
-                f"{type(self).__name__}: test scores test_dir {self.test_dir}, so {held_out}, held out of root by "
-                f"{rule}, is neither trained on nor tested; set {option} to train on it",
+                f"{type(self).__name__}: test scores test_dir {self.test_dir}, so the test split that {rule} held "
+                f"out of root ({held_out}) is neither trained on nor tested; set {option} to train on it",
                 stacklevel=2,
             )
 

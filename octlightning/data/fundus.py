@@ -150,6 +150,8 @@ class FundusVesselDataModule(BaseDataModule):
         batch_size, eval_batch_size, num_workers, seed, val_fraction, predict_dir: see
             :class:`~octlightning.data.base.BaseDataModule`.
         test_fraction: must stay 0: every fundus layout brings its own test split.
+        num_folds: must stay 0 (every fundus layout brings its own test split, so there is nothing to cross-validate).
+        fold: not used (``num_folds`` is 0).
         in_channels: 3 (RGB) or 1 (the green channel alone, the best vessel contrast).
         cache_mb: not used: fundus sets (20-100 images) are decoded once in ``setup`` and kept whole.
         test_dir: another fundus dataset (any layout, always detected) whose every annotated image ``test``
@@ -190,6 +192,8 @@ class FundusVesselDataModule(BaseDataModule):
         in_channels: Literal[1, 3] = 3,
         cache_mb: float = 1024,
         test_dir: str | None = None,
+        num_folds: int = 0,
+        fold: int = 0,
         layout: Layout | None = None,
         mask_threshold: int | None = None,
         patch_size: int | None = None,
@@ -200,7 +204,7 @@ class FundusVesselDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb, test_dir,
+            in_channels, cache_mb, test_dir, num_folds=num_folds, fold=fold,
         )  # fmt: skip
         self.save_hyperparameters()
         if layout is not None and layout not in LAYOUTS:

@@ -332,11 +332,12 @@ class MaskFolderDataModule(BaseDataModule):
             if own:  # the recipe's fractions give way to the layout's folders: say so
                 rank_zero_info(f"MaskFolderDataModule: the dataset's own split folders: {'; '.join(own)}")
             if len(test):
-                self.warn_unused_test_split(f"the test split's {len(test)} images")
-            if self.num_folds:
+                self.warn_unused_test_split(f"{len(test)} images")
+            if any(fractions) or self.num_folds:  # say what the seeded split of the training images gave
+                counts = ", ".join(f"{k} {len(v)}" for k, v in self._split.items())
                 rank_zero_info(
-                    f"MaskFolderDataModule: {self.root}: test split (seed {self.seed}{self.fold_note}): "
-                    f"{len(test)} of {len(pairs)} training images"
+                    f"MaskFolderDataModule: {self.root}: {len(pairs)} training images split (seed {self.seed}"
+                    f"{self.fold_note}): {counts} images"
                 )
         return self._split
 

@@ -404,8 +404,7 @@ class OCTLayerDataModule(BaseDataModule):
             for name, ids in self.splits.items()
         }
         if len(self.splits["test"]):
-            whose = "the test split's subjects" if split_by == "subject" else "the test split"
-            self.warn_unused_test_split(f"{whose} {holds['test']}")
+            self.warn_unused_test_split(("subjects " if split_by == "subject" else "") + holds["test"])
         if split_by == "subject":  # the held-out subjects are what a result is reported on: name them
             held = "; ".join(f"{name} {text}" for name, text in holds.items())
             if self.test_dir is not None:

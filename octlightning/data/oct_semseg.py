@@ -112,6 +112,8 @@ class OCTSemSegDataModule(BaseDataModule):
         batch_size, eval_batch_size, num_workers, seed: see :class:`~octlightning.data.base.BaseDataModule`.
         val_fraction: must stay 0: the layout brings its own ``val/``.
         test_fraction: must stay 0: the layout brings its own ``test/``.
+        num_folds: must stay 0 (the layout brings its own ``test/``, so there is nothing to cross-validate).
+        fold: not used (``num_folds`` is 0).
         info: the ``INFO.json`` to use (default ``<root>/INFO.json``).
         ignore_labels: INFO.json labels (substrings, case-insensitive) that mark unannotated pixels
             (default ``["invalid"]``).
@@ -146,6 +148,8 @@ class OCTSemSegDataModule(BaseDataModule):
         in_channels: Literal[1, 3] = 1,
         cache_mb: float = 1024,
         test_dir: str | None = None,
+        num_folds: int = 0,
+        fold: int = 0,
         info: str | None = None,
         ignore_labels: list[str] | None = None,
         normalize: Literal["unit", "imagenet"] = "unit",
@@ -155,7 +159,7 @@ class OCTSemSegDataModule(BaseDataModule):
     ) -> None:
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, seed, val_fraction, test_fraction, predict_dir,
-            in_channels, cache_mb, test_dir,
+            in_channels, cache_mb, test_dir, num_folds=num_folds, fold=fold,
         )  # fmt: skip
         self.save_hyperparameters()
         if normalize == "imagenet" and in_channels != 3:

@@ -25,6 +25,7 @@ CLI's ``--experiment <sweep> --version <id>`` run folder).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import json
 import random
@@ -311,7 +312,9 @@ def cli_parser():
 
 
 def validate(sweep: Sweep, hardware: list[str] | None = None) -> None:
-    """Parse every run's ``fit`` arguments with the CLI parser; one error lists every bad run.
+    """Parse every run's ``fit`` arguments with the CLI parser and build its DataModule (which checks its
+    arguments against each other, e.g. ``fold`` below ``num_folds``, without reading data); one error
+    lists every bad run.
 
     Raises :class:`SweepError` naming each run that does not parse, its overrides and the parser's message.
     """
@@ -319,8 +322,11 @@ def validate(sweep: Sweep, hardware: list[str] | None = None) -> None:
     errors = []
     for run in sweep.runs:
         try:
-            parser.parse_args(sweep.cli_args(run, "fit", hardware))
-        except Exception as err:  # jsonargparse.ArgumentError and the type errors it wraps
+            data = parser.parse_args(sweep.cli_args(run, "fit", hardware))["fit"].get("data")
+            if data is not None and data.get("class_path"):
+                module, _, name = data["class_path"].rpartition(".")
+                getattr(importlib.import_module(module), name)(**data["init_args"].as_dict())
+        except Exception as err:  # jsonargparse.ArgumentError and the type errors it wraps; a DataModule's own
             message = "\n    ".join(line for line in str(err).splitlines() if line.strip())
             errors.append(f"  run {run.index} ({run.id}), overrides {run.overrides}:\n    {message}")
     if errors:

@@ -19,7 +19,7 @@ from octlightning.cli import run_cli
 from octlightning.data.coords import interpolate_gaps, resample_columns, rescale_rows
 from octlightning.data.oct_layers import OCTLayerDataModule
 from octlightning.data.transforms import LayerAugmentation, SeededTransform
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 from octlightning.losses import row_cross_entropy
 from octlightning.metrics import BoundaryError
 from octlightning.models.boundary_head import order_boundaries, soft_argmax_rows
@@ -147,15 +147,15 @@ def test_cross_validation_folds_test_every_subject_once(h5file, caplog):
 
 
 def test_cross_validation_options_are_checked_before_training(h5file, tmp_path):
-    with pytest.raises(ValueError, match=r"fold in \[0, num_folds\); got 4, 4"):
+    with pytest.raises(ConfigError, match=r"--data.init_args.fold in \[0, num_folds\); got num_folds 4, fold 4"):
         _dm(h5file, num_folds=4, fold=4)
-    with pytest.raises(ValueError, match=r"num_folds must be 0 \(none\) or >= 2.*got 1, 0"):
+    with pytest.raises(ConfigError, match=r"num_folds must be 0 \(none\) or >= 2.*got num_folds 1, fold 0"):
         _dm(h5file, num_folds=1)
     # a fold's network tested on another file: the fold was held out of training for nothing, said
-    with pytest.warns(UserWarning, match=r"held out of root by fold 1 of num_folds 4, is neither trained on nor "
-                      r"tested; set --data.init_args.num_folds 0"):  # fmt: skip
+    said = r"the test split that fold 1 of num_folds 4 held out of root \(subjects \[\d\] \(\d B-scans\)\) is "
+    with pytest.warns(UserWarning, match=said + r"neither trained on nor tested; set --data.init_args.num_folds 0"):
         _dm(h5file, num_folds=4, fold=1, test_dir=str(h5file)).setup("fit")
-    with pytest.raises(DataError, match="cannot split 4 groups into 5 folds"), pytest.warns(UserWarning):
+    with pytest.raises(DataError, match=r"num_folds 5 is more than the 4 groups \(subjects"), pytest.warns(UserWarning):
         _dm(h5file, num_folds=5).setup("fit")
     published = write_layer_file(tmp_path / "published.h5")
     with h5py.File(published, "a") as f:
@@ -737,8 +737,8 @@ def test_test_dir_beside_a_test_fraction_warns_that_roots_test_subjects_are_lost
     and nothing tested it; nothing said so."""
     other = write_layer_file(tmp_path / "held_out.h5", subject=None)
     dm = _dm(h5file, test_dir=str(other), augment=False, test_fraction=0.25)
-    with pytest.warns(UserWarning, match=r"the test split's subjects \[\d.*held out of root by test_fraction 0.25, is "
-                      r"neither trained on nor tested; set --data.init_args.test_fraction 0"):  # fmt: skip
+    with pytest.warns(UserWarning, match=r"the test split that test_fraction 0.25 held out of root \(subjects \[\d.*"
+                      r"is neither trained on nor tested; set --data.init_args.test_fraction 0"):  # fmt: skip
         dm.setup("fit")
     dm = _dm(h5file, test_dir=str(other), augment=False, test_fraction=0)
     with warnings.catch_warnings(record=True) as caught:

@@ -110,6 +110,10 @@ def test_cross_validation_folds_test_each_case_once_and_every_vendor_in_each_fol
         assert not (set(parts["train"]) | set(parts["val"])) & set(parts["test"])
         tested += parts["test"]
     assert sorted(tested) == [f"TRAIN{i:03d}" for i in range(1, 7)]
+    # two folds of 3 cases per vendor leave one per vendor: nothing to validate on, and why
+    said = r"no validation cases: val_fraction 0.2 of each vendor's labelled cases outside the test split, "
+    with pytest.raises(DataError, match=said + r"test = fold 0 of 2 \((Cirrus|Spectralis) 1, .*rounds to none"):
+        _dm(retouch_root, cache_dir, num_folds=2, fold=0, val_fraction=0.2).setup("fit")
     with pytest.raises(ValueError, match="test_cases.*num_folds must then be 0"):
         _dm(retouch_root, cache_dir, num_folds=3, test_cases=["TRAIN001"])
 

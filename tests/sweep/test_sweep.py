@@ -106,12 +106,14 @@ def test_a_typo_fails_the_whole_sweep_before_anything_starts(tmp_path, capsys):
             {"model.init_args.lr": 0.1},
             {"model.init_args.lrr": 0.1},  # unknown init arg
             {"trainer.max_epoch": 2},  # would be a silently accepted abbreviation in jsonargparse
+            {"data.init_args.num_folds": 4},  # parses, but the DataModule refuses it: DRIVE has its own test set
         ],
     }
     assert main([str(_write(tmp_path / "typo.json", spec)), "--root", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
-    assert "2 of 3 runs" in err and "nothing was started" in err
+    assert "3 of 4 runs" in err and "nothing was started" in err
     assert "run 1" in err and "lrr" in err and "run 2" in err and "max_epoch" in err
+    assert "run 3" in err and "num_folds must be 0: the test split is the layout's own test images" in err
     assert not (tmp_path / "runs").exists()
 
     with pytest.raises(SweepError, match="set by the sweep"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
@@ -226,11 +227,16 @@ class RetouchDataModule(BaseDataModule):
                 parts[part] += [pool[i] for i in sel]
         parts = {k: sorted(v) for k, v in parts.items()}
         if any(part == "test" for part, _ in drawn) and parts["test"]:
-            self.warn_unused_test_split(f"the test split's cases {parts['test']}")
-        # the held-out cases are what a result is reported on: name them (once per DataModule)
+            self.warn_unused_test_split(f"cases {parts['test']}")
+        # the held-out cases are what a result is reported on: name them, and their vendors (once)
         if not self._split_said:
             self._split_said = True
-            said = "; ".join(f"{k} {v}" for k, v in parts.items())
+            vendor_of = {c.name: c.vendor for c in labelled}
+
+            def vendors(names: list[str]) -> str:
+                return ", ".join(f"{v} {n}" for v, n in Counter(vendor_of[c] for c in names).items())
+
+            said = "; ".join(f"{k} {v} ({vendors(v)})" for k, v in parts.items())
             rank_zero_info(f"RetouchDataModule: {self.root}: cases by split (seed {self.seed}{self.fold_note}): {said}")
         return parts
 
@@ -241,7 +247,15 @@ class RetouchDataModule(BaseDataModule):
         parts = self.split()
         if stage in ("fit", "validate"):
             if not parts["val"]:
-                raise DataError(f"{self.root}: no validation cases; set val_fraction > 0 or val_cases")
+                if self.val_fraction <= 0:
+                    raise DataError(f"{self.root}: no validation cases; set val_fraction > 0 or val_cases")
+                # a fraction of each vendor's few cases left by the test split rounds to none
+                left = Counter(store.cases[c].vendor for c in parts["train"])
+                raise DataError(
+                    f"{self.root}: no validation cases: val_fraction {self.val_fraction} of each vendor's labelled "
+                    f"cases outside the test split{self.fold_note} ({', '.join(f'{v} {n}' for v, n in left.items())}) "
+                    f"rounds to none; name val_cases, use fewer folds or test_fraction, or add cases"
+                )
             self.val_set = RetouchSliceDataset(store, parts["val"], self.in_channels)
         if stage == "fit":
             if not parts["train"]:
