@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 from octlightning.links import DATA_DETERMINES, DATA_SUGGESTS
 
 SPLITS = (("fit", "train_set", "train"), ("fit", "val_set", "val"), ("test", "test_set", "test"))
@@ -145,12 +145,12 @@ def main(argv: list[str]) -> int:
         def instantiate_classes(self) -> None:
             self.datamodule = self.instantiate_datamodule()
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is ours to pass
-        cli = _DataOnlyCLI(args=argv, run=False)
     try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # argv is ours to pass
+            cli = _DataOnlyCLI(args=argv, run=False)  # builds the DataModule, which checks its arguments
         lines = check_datamodule(cli.datamodule)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, ConfigError, FileNotFoundError) as err:
         print(f"check-data: FAILED: {err}", file=sys.stderr)
         return 1
     print(f"check-data: {type(cli.datamodule).__name__} at {cli.datamodule.root}: OK")

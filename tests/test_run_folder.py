@@ -250,3 +250,13 @@ def test_check_data_names_every_broken_file_of_every_split_without_building_the_
     for path in broken:
         assert path.name in err, (path.name, err)
     assert "Traceback" not in err and str(weights) not in err
+
+
+def test_check_data_answers_options_the_datamodule_refuses_with_one_line(tmp_path, capsys):
+    # a fold out of range ended check-data in a 28-line traceback (a new user's trial)
+    root = write_isic_layout(tmp_path / "isic", with_test=False)
+    status = check_data_main(["--config", ISIC, "--data.init_args.root", str(root),
+                              "--data.init_args.num_folds", "5", "--data.init_args.fold", "5"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    assert "check-data: FAILED: --data.init_args.num_folds must be 0 (none) or >= 2, and --data.init_args.fold" in err
