@@ -12,7 +12,7 @@ from octlightning.data.retouch.cases import FLUIDS, VENDORS, RetouchCase, canoni
 from octlightning.data.retouch.datasets import RetouchPatchDataset, RetouchSliceDataset
 from octlightning.data.retouch.preprocess import PreprocessSettings, VolumeStore, build_cache, default_cache_dir
 from octlightning.data.transforms import segmentation_augmentation
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 
 
 class RetouchDataModule(BaseDataModule):
@@ -117,7 +117,7 @@ class RetouchDataModule(BaseDataModule):
         )  # fmt: skip
         self.save_hyperparameters()
         if num_folds and test_cases is not None:
-            raise ValueError(f"test_cases {test_cases} are the test split: num_folds must then be 0, got {num_folds}")
+            raise ConfigError(f"test_cases {test_cases} are the test split: num_folds must then be 0, got {num_folds}")
         if histogram_reference is not None and histogram_reference not in VENDORS:
             raise ValueError(f"histogram_reference must be one of {VENDORS} or null, got {histogram_reference!r}")
         self.settings = PreprocessSettings(
