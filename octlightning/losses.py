@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from octlightning.errors import ConfigError
+
 _EPS = 1e-6
 
 
@@ -231,7 +233,7 @@ def row_cross_entropy(row_logits: Tensor, target: Tensor, valid: Tensor, sigma: 
     its minimum is the target's entropy, not 0).
     """
     if sigma <= 0:
-        raise ValueError(f"row_cross_entropy needs sigma > 0, not {sigma}")
+        raise ConfigError(f"row_cross_entropy needs sigma > 0 (--model.init_args.target_sigma), not {sigma}")
     valid = valid.bool()
     y = torch.where(valid, target, torch.zeros_like(target)).float()
     rows = torch.arange(row_logits.shape[2], device=row_logits.device, dtype=torch.float32).view(1, 1, -1, 1)
@@ -262,11 +264,15 @@ def boundary_regression_loss(
         row_logits: ``(B, L, H, W)``, needed by ``ce_l1``.
 
     Raises:
-        ValueError: an unknown ``kind``, or ``ce_l1`` without ``row_logits`` (a pooling head).
+        ValueError: an unknown ``kind``.
+        ConfigError: ``ce_l1`` without ``row_logits`` (a pooling head).
     """
     if kind != "ce_l1":
         return masked_regression_loss(rows, target, valid, kind)
     if row_logits is None:
-        raise ValueError("loss ce_l1 needs a network that returns row_logits (head soft_argmax); use mse or l1")
+        raise ConfigError(
+            "--model.init_args.loss ce_l1 needs a network that returns row_logits "
+            "(--model.init_args.net.init_args.head soft_argmax); use mse or l1 with the pool head"
+        )
     l1 = masked_regression_loss(rows, target, valid, "l1")
     return l1 + ce_weight * row_cross_entropy(row_logits, target, valid, sigma)

@@ -7,14 +7,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from octlightning.cli import run_cli
-from octlightning.commands import COMMANDS, null_means_none
+from octlightning.commands import COMMANDS, main, null_means_none
 from tests.conftest import CPU_TRAINER, REPO, TINY_VESSEL
+from tests.fixtures.isic import write_isic_layout
 from tests.fixtures.mirage import write_mirage_layout
+from tests.fixtures.oct_layers import write_oct_h5
 
 FOUNDATION = str(REPO / "hparams" / "duke_dme_foundation.json")
 VESSEL = str(REPO / "hparams" / "vessel_unet.json")
+ISIC = str(REPO / "hparams" / "isic_deeplabv3plus.json")
+OCT_UNET = str(REPO / "hparams" / "oct_unet.json")
 
 
 def _octlightning(*args: str) -> subprocess.CompletedProcess:
@@ -127,6 +132,51 @@ def test_a_loss_module_with_its_own_settings_comes_from_the_config(tmp_path, dri
     assert type(cli.model.loss_fn).__name__ == "DiceLoss" and cli.model.loss_fn.smooth == 0.25
     # every fit checks that the network beats a constant prediction, whatever the recipe lists
     assert sum(type(c).__name__ == "BeatConstantBaseline" for c in cli.trainer.callbacks) == 1
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    """The last stderr line of ``octlightning ARGV``, which must exit 1 without a traceback."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+def test_a_weights_file_of_another_network_stops_with_one_line_naming_the_option(tmp_path, capsys):
+    # a local encoder file that does not fit the encoder ended fit in a traceback
+    root = write_isic_layout(tmp_path / "isic")
+    other = tmp_path / "vit_b16.pth"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, other)
+    line = _one_line_error(["fit", "--config", ISIC, "--data.init_args.root", str(root), "--comet", "false",
+                            "--trainer.default_root_dir", str(tmp_path / "runs"),
+                            "--model.init_args.net.init_args.encoder_weights", str(other)], capsys)  # fmt: skip
+    assert line.startswith(f"octlightning: config error: --model.init_args.net.init_args.encoder_weights {other}: ")
+    assert "no key matches the ResNetEncoder encoder" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "option", "value", "answer"),
+    [
+        ("isic", "--data.init_args.mask_pattern", "{name}_mask.png",
+         "--data.init_args.mask_pattern '{name}_mask.png' must contain {stem}"),
+        ("isic", "--data.init_args.image_size", "[0, 256]", "--data.init_args.image_size must be one int or"),
+        ("oct", "--data.init_args.image_size", "[256, 256, 3]", "--data.init_args.image_size must be an int or"),
+        ("oct", "--model.init_args.thickness_between", "[1, -1]",
+         "--model.init_args.thickness_between [1, -1] names one boundary twice"),
+    ],
+)  # fmt: skip
+def test_an_option_a_class_refuses_stops_with_one_line_naming_it(recipe, option, value, answer, tmp_path, capsys):
+    # each of these ended in a traceback from the class's constructor
+    if recipe == "isic":
+        config, root = ISIC, write_isic_layout(tmp_path / "isic")
+    else:
+        config, root = OCT_UNET, write_oct_h5(tmp_path / "layers.h5")
+    line = _one_line_error(["fit", "--config", config, "--data.init_args.root", str(root), "--comet", "false",
+                            "--trainer.default_root_dir", str(tmp_path / "runs"), option, value], capsys)  # fmt: skip
+    assert line.startswith(f"octlightning: config error: {answer}"), line
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 
+from octlightning.errors import ConfigError
+
 
 class FreezeBackbone(BaseFinetuning):
     """Train with the pretrained encoder frozen for the first epochs, then fine-tune it at a lower LR.
@@ -64,7 +66,10 @@ class FreezeBackbone(BaseFinetuning):
     ) -> None:
         super().__init__()
         if unfreeze_at_epoch < 0 or lr_factor <= 0:
-            raise ValueError("FreezeBackbone needs unfreeze_at_epoch >= 0 and lr_factor > 0")
+            raise ConfigError(
+                f"FreezeBackbone (trainer.callbacks) needs unfreeze_at_epoch >= 0 and lr_factor > 0, "
+                f"got {unfreeze_at_epoch} and {lr_factor}"
+            )
         if freeze_by not in ("auto", "requires_grad", "gradients"):
             raise ValueError(f"freeze_by must be auto, requires_grad or gradients, not {freeze_by!r}")
         self.unfreeze_at_epoch = unfreeze_at_epoch

@@ -51,7 +51,7 @@ from octlightning.data.transforms import (
     mask_to_tensor,
     segmentation_augmentation,
 )
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 
 ISIC_TRAIN = ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth")
 ISIC_VAL = ("ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth")
@@ -76,7 +76,9 @@ def mask_name_regex(pattern: str) -> re.Pattern[str]:
     """
     parts = pattern.split("{stem}")
     if len(parts) < 2:
-        raise ValueError(f"mask_pattern {pattern!r} must contain {{stem}} (the image name without extension)")
+        raise ConfigError(
+            f"--data.init_args.mask_pattern {pattern!r} must contain {{stem}} (the image name without extension)"
+        )
     rx = re.escape(parts[0]) + r"(?P<stem>[^/]+)"
     for part in parts[1:-1]:
         rx += re.escape(part) + r"(?P=stem)"
@@ -285,7 +287,9 @@ class MaskFolderDataModule(BaseDataModule):
         self.mask_pattern = mask_pattern
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"image_size must be one int or (height, width), got {image_size!r}")
+            raise ConfigError(
+                f"--data.init_args.image_size must be one int or [height, width] >= 1, got {image_size!r}"
+            )
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.augment = augment
         self.mask_threshold = mask_threshold

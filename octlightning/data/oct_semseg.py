@@ -37,7 +37,7 @@ from octlightning.data.transforms import (
     mask_to_tensor,
     segmentation_augmentation,
 )
-from octlightning.errors import DataError
+from octlightning.errors import ConfigError, DataError
 
 
 # --------------------------------------------------------------------------- dataset
@@ -163,7 +163,10 @@ class OCTSemSegDataModule(BaseDataModule):
         )  # fmt: skip
         self.save_hyperparameters()
         if normalize == "imagenet" and in_channels != 3:
-            raise ValueError("normalize='imagenet' needs in_channels=3 (ImageNet statistics are per RGB channel)")
+            raise ConfigError(
+                "--data.init_args.normalize imagenet needs --data.init_args.in_channels 3 "
+                "(ImageNet statistics are per RGB channel)"
+            )
         self.info_path = Path(info) if info is not None else Path(root) / "INFO.json"
         self.ignore_labels = tuple(ignore_labels) if ignore_labels is not None else DEFAULT_IGNORE_LABELS
         self.normalize = normalize

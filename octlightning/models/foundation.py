@@ -141,8 +141,8 @@ def load_encoder_weights(
 ) -> LoadReport:
     """Load a local checkpoint into a timm ViT, renaming prefixes and fitting shapes; see the module doc.
 
-    Raises ``ValueError`` when no checkpoint key matches the encoder, or when a matching key has a
-    shape that cannot be fitted (naming the keys and shapes).
+    Raises :class:`ConfigError` (naming the ``weights`` option) when no checkpoint key matches the
+    encoder, or when a matching key has a shape that cannot be fitted (naming the keys and shapes).
     """
     state = load_state_dict(path, key)
     own = encoder.state_dict()
@@ -168,13 +168,14 @@ def load_encoder_weights(
             continue
         mapped[name] = value
     if mismatched:
-        raise ValueError(
-            f"{path}: {len(mismatched)} checkpoint tensors do not fit the encoder (wrong preset or size?): "
-            + "; ".join(mismatched[:5])
+        raise ConfigError(
+            f"--model.init_args.net.init_args.weights {path}: {len(mismatched)} checkpoint tensors do not fit the "
+            f"encoder (wrong preset or size?): " + "; ".join(mismatched[:5])
         )
     if not mapped:
-        raise ValueError(
-            f"{path}: no key of the checkpoint matches the encoder (first checkpoint keys: {list(state)[:4]}; "
+        raise ConfigError(
+            f"--model.init_args.net.init_args.weights {path}: no key of the checkpoint matches the encoder "
+            f"(first checkpoint keys: {list(state)[:4]}; "
             f"encoder keys look like {list(own)[:4]}); pick the right preset or give key_map to rename prefixes"
         )
     missing, _ = encoder.load_state_dict(mapped, strict=False)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import SegformerConfig, SegformerModel
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
+from octlightning.errors import ConfigError
 from octlightning.models.boundary_head import ColumnSoftArgmax
 from octlightning.models.smp_net import SMPNet
 
@@ -90,9 +91,10 @@ class SegFormerLayerRegressor(nn.Module):
                 )
             self.backbone = SegformerModel.from_pretrained(str(path), local_files_only=True, **(config or {}))
             if self.backbone.config.num_channels != in_channels:
-                raise ValueError(
-                    f"{path}: the pretrained encoder takes {self.backbone.config.num_channels} input channels, "
-                    f"not in_channels={in_channels}; feed grey replicated to 3 channels (data channels=3)"
+                raise ConfigError(
+                    f"--model.init_args.net.init_args.pretrained {path}: the pretrained encoder takes "
+                    f"{self.backbone.config.num_channels} input channels, not in_channels={in_channels}; feed grey "
+                    f"replicated to 3 channels (--data.init_args.in_channels 3)"
                 )
         else:
             if variant not in MIT_VARIANTS:

@@ -10,6 +10,7 @@ import segmentation_models_pytorch as smp
 from torch import Tensor, nn
 
 from octlightning.checkpoints import load_state_dict
+from octlightning.errors import ConfigError
 
 # Prefixes under which an encoder's keys appear in the files people have: a bare encoder/torchvision
 # state dict, an smp model, an SMPNet, a SegmentationTask checkpoint, DataParallel/DDP wrappers.
@@ -29,6 +30,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, option: str | Non
     key, leaves encoder tensors unset, or has tensors of the wrong shape is an error naming the file.
     """
     state = load_state_dict(path, option=option)
+    where = f"{option} {path}" if option else str(path)
     own = encoder.state_dict()
 
     def under(prefix: str) -> dict[str, Tensor]:
@@ -36,19 +38,19 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, option: str | Non
 
     best = max((under(p) for p in _ENCODER_PREFIXES), key=len)
     if not best:
-        raise ValueError(
-            f"{path}: no key matches the {type(encoder).__name__} encoder "
+        raise ConfigError(
+            f"{where}: no key matches the {type(encoder).__name__} encoder "
             f"(file keys start {list(state)[:3]}, encoder keys start {list(own)[:3]})"
         )
     missing = [k for k in own if k not in best and not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(
-            f"{path}: {len(missing)} of {len(own)} encoder tensors are not in the file "
+        raise ConfigError(
+            f"{where}: {len(missing)} of {len(own)} encoder tensors are not in the file "
             f"(e.g. {missing[:3]}); is it the weights of another encoder?"
         )
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in best.items() if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{path}: tensors of the wrong shape for this encoder: {wrong[:3]}")
+        raise ConfigError(f"{where}: tensors of the wrong shape for this encoder: {wrong[:3]}")
     encoder.load_state_dict(best, strict=False)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from octlightning.errors import ConfigError
+
 
 class ConvBlock(nn.Sequential):
     """Two convolutions, each followed by (optional) batch norm and ReLU, then optional dropout."""
@@ -59,7 +61,7 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError(f"UNet depth must be >= 1, got {depth}")
+            raise ConfigError(f"UNet depth (net init_args.depth) must be >= 1, got {depth}")
         if upsample not in ("transpose", "bilinear"):
             raise ValueError(f"upsample must be 'transpose' or 'bilinear', got {upsample!r}")
         self.depth = depth

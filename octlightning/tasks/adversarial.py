@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from octlightning.checkpoints import load_state_dict
+from octlightning.errors import ConfigError
 from octlightning.tasks.segmentation import SegmentationTask
 
 
@@ -77,7 +78,10 @@ class AdversarialTask(SegmentationTask):
             state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: does not fit the segmenter (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ConfigError(
+                f"--model.init_args.segmentation_checkpoint {path}: does not fit the segmenter "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[Any]:

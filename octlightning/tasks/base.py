@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from octlightning.errors import ConfigError
+
 
 class BaseTask(L.LightningModule):
     """Base LightningModule: the network, the optimisation, the validation loss, the GPU fast path.
@@ -178,7 +180,7 @@ class BaseTask(L.LightningModule):
         warm-up (``cosine``: ``warmup_epochs`` of steps) counts steps in both cases.
 
         Raises:
-            ValueError: no training length is set (``max_epochs: -1`` without ``max_steps`` or ``max_time``).
+            ConfigError: no training length is set (``max_epochs: -1`` without ``max_steps`` or ``max_time``).
         """
         total = float(self.trainer.estimated_stepping_batches)  # loads the training batches, unless max_epochs is -1
         if not math.isfinite(self.trainer.num_training_batches):
@@ -197,8 +199,9 @@ class BaseTask(L.LightningModule):
                 )
             return warmup, lambda step: min(1.0, max(0, step - warmup) / length)
         if timer is None or timer.time_remaining() is None:
-            raise ValueError(
-                f"scheduler {self.scheduler_name!r} needs a training length: trainer.max_epochs, max_steps or max_time"
+            raise ConfigError(
+                f"--model.init_args.scheduler {self.scheduler_name} needs a training length: --trainer.max_epochs, "
+                f"--trainer.max_steps or --trainer.max_time"
             )
         budget = timer.time_elapsed() + timer.time_remaining()
         return warmup, lambda step: min(1.0, timer.time_elapsed() / budget) if step >= warmup else 0.0

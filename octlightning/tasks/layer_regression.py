@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from octlightning.data.coords import resample_columns, rescale_rows
+from octlightning.errors import ConfigError
 from octlightning.losses import boundary_regression_loss
 from octlightning.metrics import BoundaryError, boundary_abs_errors, boundary_errors_by_subject
 from octlightning.tasks.base import BaseTask
@@ -130,7 +131,7 @@ class LayerRegressionTask(BaseTask):
         if thickness_between is not None and n > 1:
             up, low = (int(k) % n for k in thickness_between)
             if up == low:
-                raise ValueError(f"thickness_between {thickness_between} names one boundary twice")
+                raise ConfigError(f"--model.init_args.thickness_between {list(thickness_between)} names one boundary twice")
             self.thickness_between = (up, low)
         self.mc_samples = mc_samples
         self.val_metrics = BoundaryError(n, self.thickness_between)
@@ -151,13 +152,13 @@ class LayerRegressionTask(BaseTask):
     def _check(self, pred: Tensor, batch: dict[str, Any]) -> None:
         n = len(self.boundary_names)
         if pred.ndim != 3 or pred.shape[1] != n:
-            raise ValueError(
+            raise ConfigError(
                 f"the network returned shape {tuple(pred.shape)}, expected (B, {n}, W) for boundaries "
                 f"{self.boundary_names}; make the net's num_boundaries, boundary_names and the data's "
                 f"layer_indices agree"
             )
         if "coords" in batch and batch["coords"].shape != pred.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"the network predicts {tuple(pred.shape[1:])} (boundaries, columns) but the batch holds targets "
                 f"{tuple(batch['coords'].shape[1:])}; make the net's num_boundaries/output_width and the data's "
                 f"layer_indices/output_width agree"
@@ -284,7 +285,10 @@ class LayerRegressionTask(BaseTask):
         """Mean and standard deviation of ``samples`` passes with dropout active (rest in eval mode)."""
         dropouts = [m for m in self.net.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
         if not dropouts:
-            raise ValueError("mc_samples > 0 needs dropout in the network (e.g. net dropout > 0)")
+            raise ConfigError(
+                "--model.init_args.mc_samples > 0 needs dropout in the network "
+                "(--model.init_args.net.init_args.dropout > 0 when the model was trained)"
+            )
         for m in dropouts:
             m.train()
         try:

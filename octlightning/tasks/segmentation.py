@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import classification as tmc
 from torchmetrics.functional.classification import binary_auroc
 
+from octlightning.errors import ConfigError
 from octlightning.inference import sliding_window as tiled_inference
 from octlightning.losses import build_segmentation_loss
 from octlightning.metrics import (
@@ -111,7 +112,9 @@ class SegmentationTask(BaseTask):
         n_fg = 1 if self.binary else num_classes - 1
         self.class_names = class_names or [f"class{k}" for k in range(1, n_fg + 1)]
         if len(self.class_names) != n_fg:
-            raise ValueError(f"class_names has {len(self.class_names)} names for {n_fg} foreground classes")
+            raise ConfigError(
+                f"--model.init_args.class_names has {len(self.class_names)} names for {n_fg} foreground classes"
+            )
         self.threshold = threshold
         self.use_auroc = auroc and self.binary
         self.test_auroc_thresholds = test_auroc_thresholds
