@@ -85,16 +85,19 @@ class SegFormerLayerRegressor(nn.Module):
         if pretrained is not None:
             path = Path(pretrained)
             if not (path / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{path}: not a local pretrained SegFormer directory (no config.json); save one with "
-                    f"SegformerModel.save_pretrained(...) - hub names are not downloaded"
+                raise ConfigError(
+                    f"--model.init_args.net.init_args.pretrained {path}: not a local pretrained SegFormer directory "
+                    f"(no config.json); save one with SegformerModel.save_pretrained(...): hub names are not downloaded"
                 )
             self.backbone = SegformerModel.from_pretrained(str(path), local_files_only=True, **(config or {}))
+            # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode:
+            # the encoder's dropout and drop-path would stay off in training.
+            self.backbone.train()
             if self.backbone.config.num_channels != in_channels:
                 raise ConfigError(
                     f"--model.init_args.net.init_args.pretrained {path}: the pretrained encoder takes "
-                    f"{self.backbone.config.num_channels} input channels, not in_channels={in_channels}; feed grey "
-                    f"replicated to 3 channels (--data.init_args.in_channels 3)"
+                    f"{self.backbone.config.num_channels} input channels and the data gives {in_channels} "
+                    f"(--data.init_args.in_channels): set it to {self.backbone.config.num_channels}"
                 )
         else:
             if variant not in MIT_VARIANTS:

@@ -422,8 +422,14 @@ def test_segformer_regressor_shapes_and_local_pretrained_directory(tmp_path):
     loaded = SegFormerLayerRegressor(output_width=16, pretrained=str(tmp_path / "mit"))
     for key, value in saved.state_dict().items():
         assert torch.equal(loaded.backbone.state_dict()[key], value), key
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    # from_pretrained returns the encoder in eval mode, which Lightning keeps: its dropout and drop-path
+    # were off in training (Lightning's "Found 180 module(s) in eval mode at the start of training")
+    assert all(m.training for m in loaded.modules())
+    with pytest.raises(ConfigError, match="pretrained .*nvidia-mit-b0: not a local pretrained SegFormer directory"):
         SegFormerLayerRegressor(pretrained=str(tmp_path / "nvidia-mit-b0"))
+    SegformerModel(SegformerConfig(num_channels=1, **cfg)).save_pretrained(tmp_path / "mit-grey")
+    with pytest.raises(ConfigError, match=r"takes 1 input channels and the data gives 3 .*: set it to 1"):
+        SegFormerLayerRegressor(pretrained=str(tmp_path / "mit-grey"), in_channels=3)
 
 
 def test_order_boundaries_keeps_ordered_rows_and_lifts_crossing_ones():
