@@ -183,7 +183,7 @@ def build_segmentation_loss(loss: str | nn.Module) -> nn.Module:
     or class weights without code. A module must take ``(logits, target, valid)`` like those here.
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones).
+        ConfigError: an unknown name (the message lists the known ones).
     """
     if isinstance(loss, nn.Module):
         return loss
@@ -191,7 +191,9 @@ def build_segmentation_loss(loss: str | nn.Module) -> nn.Module:
     try:
         return SEGMENTATION_LOSSES[name]()
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(SEGMENTATION_LOSSES)}") from None
+        raise ConfigError(
+            f"--model.init_args.loss {name}: unknown loss; choose one of {sorted(SEGMENTATION_LOSSES)}"
+        ) from None
 
 
 def masked_regression_loss(pred: Tensor, target: Tensor, valid: Tensor, kind: str = "mse") -> Tensor:

@@ -189,9 +189,17 @@ def test_an_option_a_class_refuses_stops_with_one_line_naming_it(recipe, option,
         ),
         # argparse would have expanded this abbreviation to --trainer.max_epochs without a word
         (["--trainer.max_epoch", "2"], "unknown option --trainer.max_epoch; did you mean --trainer.max_epochs"),
+        # a value of the wrong type or outside the choices: the usage and a Union-of-subtypes listing
+        (["--data.init_args.batch_size", "abc"], "--data.init_args.batch_size: expected int, got abc"),
+        (
+            ["--model.init_args.optimizer", "adamw2"],
+            "--model.init_args.optimizer: expected one of 'adam', 'adamw', 'sgd', got adamw2",
+        ),
+        (["--model.init_args.net.init_args.depth", "four"], "--model.init_args.net.init_args.depth: expected int"),
+        (["--config", "hparams/no_such_recipe.json"], "--config: File does not exist:"),
     ],
 )
-def test_a_misspelt_option_stops_with_one_line_naming_what_exists(typo, answer, capsys):
+def test_a_misspelt_option_or_a_wrong_value_stops_with_one_line_naming_what_it_takes(typo, answer, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(["fit", "--config", VESSEL, *typo, "--comet", "false"])
     err = capsys.readouterr().err

@@ -98,9 +98,10 @@ class SMPNet(nn.Module):
                 **options,
             )
         except OSError as err:  # the hub is unreachable (offline by default, see octlightning.env)
-            raise RuntimeError(
-                f"encoder_weights={hub!r} must be downloaded from the Hugging Face hub, which failed "
-                f"({type(err).__name__}). Go online and set HF_HUB_OFFLINE=0, or give a local weights file."
+            raise ConfigError(
+                f"--model.init_args.net.init_args.encoder_weights {hub}: hub weights must be downloaded from the "
+                f"Hugging Face hub, which failed ({type(err).__name__}); give a local weights file (a torchvision "
+                f"or smp {encoder_name} state dict), or go online and set HF_HUB_OFFLINE=0"
             ) from err
         if local:
             load_encoder_weights(self.model.encoder, encoder_weights, "--model.init_args.net.init_args.encoder_weights")

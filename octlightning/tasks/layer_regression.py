@@ -131,7 +131,10 @@ class LayerRegressionTask(BaseTask):
         if thickness_between is not None and n > 1:
             up, low = (int(k) % n for k in thickness_between)
             if up == low:
-                raise ConfigError(f"--model.init_args.thickness_between {list(thickness_between)} names one boundary twice")
+                raise ConfigError(
+                    f"--model.init_args.thickness_between {list(thickness_between)} names one boundary twice; give "
+                    f"two of the {n} boundaries {self.boundary_names} by index (0 to {n - 1}, -1 the last)"
+                )
             self.thickness_between = (up, low)
         self.mc_samples = mc_samples
         self.val_metrics = BoundaryError(n, self.thickness_between)
