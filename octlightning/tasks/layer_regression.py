@@ -137,6 +137,14 @@ class LayerRegressionTask(BaseTask):
                 )
             self.thickness_between = (up, low)
         self.mc_samples = mc_samples
+        # Checked here, so that a contradiction stops before a run folder is made (not at the first batch).
+        if mc_samples > 0 and not _dropouts(net):
+            raise ConfigError(MC_WITHOUT_DROPOUT)
+        if loss == "ce_l1" and getattr(net, "head_kind", None) == "pool":
+            raise ConfigError(
+                "--model.init_args.loss ce_l1 needs the row logits of the soft_argmax head, and the net's head is "
+                "pool (--model.init_args.net.init_args.head): use soft_argmax, or loss mse or l1 with pool"
+            )
         self.val_metrics = BoundaryError(n, self.thickness_between)
         self.test_metrics = BoundaryError(n, self.thickness_between)
 
@@ -286,12 +294,9 @@ class LayerRegressionTask(BaseTask):
     # ----------------------------------------------------------------- prediction
     def sample_mc_dropout(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation of ``samples`` passes with dropout active (rest in eval mode)."""
-        dropouts = [m for m in self.net.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+        dropouts = _dropouts(self.net)
         if not dropouts:
-            raise ConfigError(
-                "--model.init_args.mc_samples > 0 needs dropout in the network "
-                "(--model.init_args.net.init_args.dropout > 0 when the model was trained)"
-            )
+            raise ConfigError(MC_WITHOUT_DROPOUT)
         for m in dropouts:
             m.train()
         try:
@@ -359,6 +364,17 @@ class LayerRegressionTask(BaseTask):
     def overlay_images(self, batch: dict[str, Any], outputs: dict[str, Tensor]) -> list[tuple[str, np.ndarray]]:
         """First validation batch as overlays for :class:`~octlightning.callbacks.LogOverlays`."""
         return [(str(sid), self._overlay(batch, i, outputs["pred"][i])) for i, sid in enumerate(batch["id"])]
+
+
+MC_WITHOUT_DROPOUT = (
+    "--model.init_args.mc_samples > 0 needs dropout in the network "
+    "(--model.init_args.net.init_args.dropout > 0; the samples mean most for a network trained with it)"
+)
+
+
+def _dropouts(net: nn.Module) -> list[nn.Module]:
+    """The network's dropout layers that drop something (``p > 0``): what MC dropout samples."""
+    return [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
 
 
 def _write_table(columns: dict[str, np.ndarray], path: Path) -> None:
