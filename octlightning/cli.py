@@ -426,8 +426,17 @@ class OctLightningCLI(LightningCLI):
             cfg["weights_only"] = True
 
     def _evaluate_a_checkpoint(self) -> None:
-        """What validate, test and predict do before they load ``--ckpt_path``."""
+        """What validate, test and predict do before they load ``--ckpt_path`` (and say without one)."""
         self._load_checkpoints_safely()
+        if self.config_init[self.subcommand].get("ckpt_path") is None:
+            # Not an error: a smoke test of a config may mean it. But figures of an untrained network
+            # must not pass for a result unannounced.
+            warnings.warn(
+                f"{self.subcommand} without --ckpt_path uses the network as the config builds it, untrained "
+                f"(random weights, or a pretrained encoder's alone); give --ckpt_path "
+                f"<run>/checkpoints/best.ckpt to {self.subcommand} what a fit learned",
+                stacklevel=2,
+            )
         # A fit's checkpoint holds its training callbacks' states (checkpointing, early stopping), which
         # only a fit restores; Lightning's "callbacks used to create the checkpoint need to be provided"
         # concerns resuming, not evaluating.

@@ -52,6 +52,18 @@ def test_test_of_a_runs_checkpoint_writes_into_that_run(fitted, drive_root, caps
     assert f"octlightning: test: metrics.csv and per-sample tables in {fitted / 'test'}" in capsys.readouterr().err
 
 
+def test_test_without_a_checkpoint_says_it_scores_an_untrained_network(fitted, drive_root, tmp_path):
+    # it scored a randomly initialised network and exited 0 without a word (a new user's trial)
+    untrained = r"test without --ckpt_path uses the network as the config builds it, untrained"
+    with pytest.warns(UserWarning, match=untrained):
+        run_cli(_args("test", drive_root, tmp_path / "runs", "--comet", "false"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(_args("test", drive_root, tmp_path / "runs", "--comet", "false",
+                      "--ckpt_path", str(fitted / "checkpoints" / "best.ckpt")))  # fmt: skip
+    assert not [w for w in caught if "without --ckpt_path" in str(w.message)]
+
+
 def test_a_second_test_of_a_run_sets_the_earlier_results_aside(fitted, drive_root, capsys):
     """A test stopped part-way had replaced the earlier test's config.yaml and left its results: the folder
     paired one command's settings with another's numbers (a new user's trial)."""
