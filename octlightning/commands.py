@@ -89,16 +89,19 @@ def _one_line(err: BaseException) -> str:
     return cause.split(f"{name}: ", 1)[-1]
 
 
-def _users_to_fix(err: BaseException) -> DataError | ConfigError | None:
-    """The DataError/ConfigError behind ``err``: itself, or one it was raised while handling.
+def _users_to_fix(err: BaseException) -> Exception | None:
+    """The DataError/ConfigError behind ``err``: itself, or one it was raised while handling; or
+    Lightning's MisconfigurationException (a trainer option it refuses, e.g. ``max_time "1 minute"``).
 
     jsonargparse reports an error raised while building a class (a network whose weights file is
     missing) as its own "Does not validate against any of the Union subtypes" ValueError, raised while
     handling ours.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, DataError | ConfigError):
+        if isinstance(err, DataError | ConfigError | MisconfigurationException):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
