@@ -120,6 +120,11 @@ class FreezeBackbone(BaseFinetuning):
             )
             self.unfreeze_at_epoch = 0
             self.lr_factor = 1.0
+        elif self.unfreeze_at_epoch > 0:
+            rank_zero_info(
+                f"FreezeBackbone: {self.backbone} frozen for epochs 0-{self.unfreeze_at_epoch - 1}, then trained at "
+                f"{self.lr_factor:g} x the learning rate of the rest"
+            )
         if self.freeze_by == "auto":
             self._by_gradients = trainer.world_size > 1
         elif self.freeze_by == "requires_grad" and trainer.world_size > 1:
@@ -167,6 +172,9 @@ class FreezeBackbone(BaseFinetuning):
         if not frozen:
             return
         self.make_trainable(module)
+        rank_zero_info(
+            f"FreezeBackbone: epoch {epoch}: {self.backbone} unfrozen, at {self.lr_factor:g} x the learning rate"
+        )
         # By identity: Lightning's filter_on_optimizer compares values, and two freshly initialised
         # BatchNorm weights (all ones) would wrongly count as the same parameter.
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}

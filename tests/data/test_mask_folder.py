@@ -309,7 +309,7 @@ class _Probe(L.Callback):
 @pytest.mark.parametrize(
     ("freeze_by", "scheduler"), [("requires_grad", "none"), ("requires_grad", "cosine"), ("gradients", "cosine")]
 )
-def test_freeze_backbone_freezes_then_unfreezes_with_a_lower_lr(freeze_by, scheduler):
+def test_freeze_backbone_freezes_then_unfreezes_with_a_lower_lr(freeze_by, scheduler, caplog):
     L.seed_everything(0)
     data = [
         {"image": torch.randn(3, 8, 8), "mask": (torch.rand(1, 8, 8) > 0.5).float(), "id": str(i)} for i in range(4)
@@ -327,8 +327,12 @@ def test_freeze_backbone_freezes_then_unfreezes_with_a_lower_lr(freeze_by, sched
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(task, DataLoader(data, batch_size=2))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(task, DataLoader(data, batch_size=2))
+    # a loaded encoder's freeze said nothing (a new user's trial)
+    assert "FreezeBackbone: net.encoder frozen for epochs 0-1, then trained at 0.1 x the learning rate" in caplog.text
     if freeze_by == "requires_grad":
+        assert "FreezeBackbone: epoch 2: net.encoder unfrozen" in caplog.text
         assert [s["conv_grad"] for s in probe.starts] == [False, False, True, True]
         assert [s["groups"] for s in probe.starts] == [1, 1, 2, 2]
     else:  # the DDP-safe way: parameters keep requires_grad, their own group exists from the start
