@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
@@ -181,13 +182,15 @@ def load_encoder_weights(
     missing, _ = encoder.load_state_dict(mapped, strict=False)
     report.loaded = sorted(mapped)
     report.missing = sorted(missing)
-    if report.missing or report.unexpected:
-        warnings.warn(
-            f"{path}: loaded {len(report.loaded)} tensors; {len(report.missing)} encoder tensors keep their "
-            f"initial values {report.missing[:8]}; {len(report.unexpected)} checkpoint tensors skipped "
-            f"{report.unexpected[:8]}",
-            stacklevel=3,
-        )
+    said = (
+        f"{path}: loaded {len(report.loaded)} tensors; {len(report.missing)} encoder tensors keep their "
+        f"initial values {report.missing[:8]}; {len(report.unexpected)} checkpoint tensors skipped "
+        f"{report.unexpected[:8]}"
+    )
+    if report.missing:  # part of the encoder stays random: worth a warning
+        warnings.warn(said, stacklevel=3)
+    else:  # skipped tensors (a classifier head, a final norm) are usual: said, not warned
+        rank_zero_info(f"FoundationSegNet: {said}")
     return report
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import h5py
@@ -85,19 +87,28 @@ def test_tiny_preset_gives_logits_at_the_input_size_with_both_decoders(tiny_ckpt
     assert net(torch.rand(1, 1, 48, 64)).shape == (1, 3, 48, 64)
 
 
-def test_mirage_named_checkpoint_loads_into_the_timm_encoder(tmp_path):
+def test_mirage_named_checkpoint_loads_into_the_timm_encoder(tmp_path, caplog):
     source, sd = tiny_vit_state(grid=4)
     sd = {f"module.{k}": v for k, v in sd.items()}  # a DDP-wrapped save
     sd["module.output_adapters.bscan.head.weight"] = torch.zeros(3)  # pretraining decoder: not ours
     path = tmp_path / "mirage.pth"
     torch.save({"model": sd}, path)
-    with pytest.warns(UserWarning, match="1 checkpoint tensors skipped"):
+    # every encoder tensor loaded: said, not warned (the warning was attributed to a jsonargparse file)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         net = FoundationSegNet("tiny", num_classes=2, weights=str(path), decoder_channels=8)
+    assert "0 encoder tensors keep their initial values []; 1 checkpoint tensors skipped" in caplog.text
+    assert not [w for w in caught if "tensors skipped" in str(w.message)]
     assert net.load_report.unexpected == ["module.output_adapters.bscan.head.weight"]
     assert net.load_report.missing == []
     x = torch.rand(2, 1, 32, 32)
     # Same tokens as the source ViT: blocks, patch embedding, (1, D, h, w) grid order and global token.
     torch.testing.assert_close(net.encoder.forward_features(x), source.forward_features(x))
+    # an encoder tensor the file lacks stays random: that is warned
+    block = next(k for k in sd if ".blocks." in k)
+    torch.save({"model": {k: v for k, v in sd.items() if k != block}}, path)
+    with pytest.warns(UserWarning, match="1 encoder tensors keep their initial values"):
+        FoundationSegNet("tiny", num_classes=2, weights=str(path), decoder_channels=8)
 
 
 def test_position_embedding_is_interpolated_for_another_input_size(tmp_path):
