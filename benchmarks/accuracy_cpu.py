@@ -19,6 +19,7 @@ epochs/steps, validation and test figures) and writes it to ``runs/accuracy-cpu/
     python benchmarks/accuracy_cpu.py --recipes oct --data-seed 0   # another split (other held-out subjects)
     python benchmarks/accuracy_cpu.py --recipes oct_unet --folds 4  # 4-fold cross-validation: a row per
                                                                     # fold (a budget each) and their mean
+    python benchmarks/accuracy_cpu.py --recipes oct_unet --folds 4 --only-folds 0  # rerun fold 0 only
     python benchmarks/accuracy_cpu.py --report runs/accuracy-cpu   # tabulate finished runs again
 
 Run by hand or by ``make accuracy-cpu`` (never in CI: it takes the budgets' sum, 20 minutes per OCT
@@ -295,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         help="k-fold cross-validation: each recipe whose DataModule has num_folds runs once per fold (a budget "
         "each) and gets a mean row; the others are skipped",
     )  # fmt: skip
+    parser.add_argument(
+        "--only-folds", type=int, nargs="+", default=None,
+        help="with --folds: train only these folds (e.g. one that ran beside other load); the table still "
+        "covers every fold found in --out",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.only_folds is not None and not all(0 <= k < args.folds for k in args.only_folds):
+        parser.error(f"--only-folds {args.only_folds}: each must be in [0, --folds {args.folds})")
     chosen = [r for r in RECIPES if not args.recipes or any(s in r.name for s in args.recipes)]
     root = Path(args.report or args.out).resolve()
     shared = Path(args.shared_data)
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         done = []
         for fold in folds:
             name = run_name(recipe, fold)
-            if args.report is None:
+            if args.report is None and (args.only_folds is None or fold in args.only_folds):
                 if not (shared / recipe.data).exists():
                     print(f"accuracy-cpu: {recipe.name}: {shared / recipe.data} not found, skipped", flush=True)
                     break

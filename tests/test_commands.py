@@ -20,6 +20,7 @@ FOUNDATION = str(REPO / "hparams" / "duke_dme_foundation.json")
 VESSEL = str(REPO / "hparams" / "vessel_unet.json")
 ISIC = str(REPO / "hparams" / "isic_deeplabv3plus.json")
 OCT_UNET = str(REPO / "hparams" / "oct_unet.json")
+IMAGE_SIZE = "--data.init_args.image_size must be an int or [height, width] >= 1, got"
 
 
 def _octlightning(*args: str) -> subprocess.CompletedProcess:
@@ -161,10 +162,16 @@ def test_a_weights_file_of_another_network_stops_with_one_line_naming_the_option
     [
         ("isic", "--data.init_args.mask_pattern", "{name}_mask.png",
          "--data.init_args.mask_pattern '{name}_mask.png' must contain {stem}"),
-        ("isic", "--data.init_args.image_size", "[0, 256]", "--data.init_args.image_size must be one int or"),
-        ("oct", "--data.init_args.image_size", "[256, 256, 3]", "--data.init_args.image_size must be an int or"),
+        ("isic", "--data.init_args.image_size", "[0, 256]", IMAGE_SIZE),
+        ("oct", "--data.init_args.image_size", "[256, 256, 3]", IMAGE_SIZE),
         ("oct", "--model.init_args.thickness_between", "[1, -1]",
          "--model.init_args.thickness_between [1, -1] names one boundary twice"),
+        # these two stopped at the first batch, after the run folder was made
+        ("oct", "--model.init_args.mc_samples", "4", "--model.init_args.mc_samples > 0 needs dropout in the network"),
+        ("oct_segformer", "--model.init_args.net.init_args.head", "pool",
+         "--model.init_args.loss ce_l1 needs the row logits of the soft_argmax head"),
+        # Lightning's MisconfigurationException: a trainer option it refuses
+        ("isic", "--trainer.max_time", "1 minute", "`Timer(duration='1 minute')` is not a valid duration"),
     ],
 )  # fmt: skip
 def test_an_option_a_class_refuses_stops_with_one_line_naming_it(recipe, option, value, answer, tmp_path, capsys):
@@ -172,7 +179,8 @@ def test_an_option_a_class_refuses_stops_with_one_line_naming_it(recipe, option,
     if recipe == "isic":
         config, root = ISIC, write_isic_layout(tmp_path / "isic")
     else:
-        config, root = OCT_UNET, write_oct_h5(tmp_path / "layers.h5")
+        config = OCT_UNET if recipe == "oct" else str(REPO / "hparams" / f"{recipe}.json")
+        root = write_oct_h5(tmp_path / "layers.h5")
     line = _one_line_error(["fit", "--config", config, "--data.init_args.root", str(root), "--comet", "false",
                             "--trainer.default_root_dir", str(tmp_path / "runs"), option, value], capsys)  # fmt: skip
     assert line.startswith(f"octlightning: config error: {answer}"), line

@@ -287,9 +287,7 @@ class MaskFolderDataModule(BaseDataModule):
         self.mask_pattern = mask_pattern
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or min(size) < 1:
-            raise ConfigError(
-                f"--data.init_args.image_size must be one int or [height, width] >= 1, got {image_size!r}"
-            )
+            raise ConfigError(f"--data.init_args.image_size must be an int or [height, width] >= 1, got {image_size}")
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.augment = augment
         self.mask_threshold = mask_threshold

@@ -261,7 +261,7 @@ class OCTLayerDataModule(BaseDataModule):
             raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
         size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
         if len(size) != 2 or min(size) < 1:
-            raise ConfigError(f"--data.init_args.image_size must be an int or [height, width] >= 1, not {image_size}")
+            raise ConfigError(f"--data.init_args.image_size must be an int or [height, width] >= 1, got {image_size}")
         self.image_size = (int(size[0]), int(size[1]))
         self.layer_indices = layer_indices
         self.output_width = output_width
