@@ -170,6 +170,9 @@ def test_a_weights_file_of_another_network_stops_with_one_line_naming_the_option
         ("oct", "--model.init_args.mc_samples", "4", "--model.init_args.mc_samples > 0 needs dropout in the network"),
         ("oct_segformer", "--model.init_args.net.init_args.head", "pool",
          "--model.init_args.loss ce_l1 needs the row logits of the soft_argmax head"),
+        # read as a count of 1 and trained without a word (a new user's trial)
+        ("oct", "--data.init_args.val_fraction", "1.5",
+         "--data.init_args.val_fraction 1.5: below 1 a fraction, else a whole count"),
         # Lightning's MisconfigurationException: a trainer option it refuses
         ("isic", "--trainer.max_time", "1 minute", "`Timer(duration='1 minute')` is not a valid duration"),
     ],

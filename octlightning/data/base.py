@@ -256,6 +256,11 @@ class BaseDataModule(L.LightningDataModule):
             raise ConfigError(f"val_fraction and test_fraction must be >= 0, got {val_fraction}, {test_fraction}")
         name = type(self).__name__
         for split, fraction in (("val", val_fraction), ("test", test_fraction)):
+            if fraction >= 1 and fraction != int(fraction):  # 1.5 was read as a count of 1 without a word
+                raise ConfigError(
+                    f"--data.init_args.{split}_fraction {fraction}: below 1 a fraction, else a whole count of "
+                    f"subjects, cases or images; {fraction} is neither"
+                )
             if fraction and split in self.own_splits:
                 raise ConfigError(f"{name}: {split}_fraction must be 0: the {split} split is {self.own_splits[split]}")
         if num_folds:
