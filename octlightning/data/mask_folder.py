@@ -336,7 +336,9 @@ class MaskFolderDataModule(BaseDataModule):
             if len(test):
                 self.warn_unused_test_split(f"{len(test)} images")
             if any(fractions) or self.num_folds:  # say what the seeded split of the training images gave
-                counts = ", ".join(f"{k} {len(v)}" for k, v in self._split.items())
+                # only the parts drawn from the training images: a part from its own folder is said above
+                drawn = {"train": True, "val": not has_val, "test": not has_test}
+                counts = ", ".join(f"{k} {len(v)}" for k, v in self._split.items() if drawn[k])
                 rank_zero_info(
                     f"MaskFolderDataModule: {self.root}: {len(pairs)} training images split (seed {self.seed}"
                     f"{self.fold_note}): {counts} images"

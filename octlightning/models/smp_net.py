@@ -22,12 +22,16 @@ def _looks_like_path(weights: str) -> bool:
     return Path(weights).is_file() or Path(weights).suffix != "" or os.sep in weights or "/" in weights
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path, option: str | None = None) -> None:
+def load_encoder_weights(
+    encoder: nn.Module, path: str | Path, option: str | None = None, name: str | None = None
+) -> None:
     """Load a local weights file into an smp encoder; every encoder tensor must be given.
 
     Keys are matched under the prefix (see ``_ENCODER_PREFIXES``) that covers most encoder keys;
     extra keys (a classifier head, the decoder of a whole model) are ignored. A file that matches no
-    key, leaves encoder tensors unset, or has tensors of the wrong shape is an error naming the file.
+    key, leaves encoder tensors unset, or has tensors of the wrong shape is a :class:`ConfigError` naming
+    ``option`` (the config option that named the file), the file and, where given, ``name`` (the smp
+    ``encoder_name`` the file should hold).
     """
     state = load_state_dict(path, option=option)
     where = f"{option} {path}" if option else str(path)
@@ -46,7 +50,8 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, option: str | Non
     if missing:
         raise ConfigError(
             f"{where}: {len(missing)} of {len(own)} encoder tensors are not in the file "
-            f"(e.g. {missing[:3]}); is it the weights of another encoder?"
+            f"(e.g. {missing[:3]}): the weights of another encoder? Give a file of this one"
+            f"{f' ({name})' if name else ''}, or set --model.init_args.net.init_args.encoder_name to the file's"
         )
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in best.items() if v.shape != own[k].shape]
     if wrong:
@@ -104,7 +109,9 @@ class SMPNet(nn.Module):
                 f"or smp {encoder_name} state dict), or go online and set HF_HUB_OFFLINE=0"
             ) from err
         if local:
-            load_encoder_weights(self.model.encoder, encoder_weights, "--model.init_args.net.init_args.encoder_weights")
+            load_encoder_weights(
+                self.model.encoder, encoder_weights, "--model.init_args.net.init_args.encoder_weights", encoder_name
+            )
             self.model.encoder.set_in_channels(in_channels, pretrained=True)
         # Read by FreezeBackbone: freezing a random encoder teaches nothing.
         self.pretrained_encoder = encoder_weights is not None

@@ -83,6 +83,17 @@ def test_split_is_seeded_and_folders_win_over_fractions(isic_root, tmp_path, cap
     assert {p.id for p in dm.test_set.pairs} == test
 
 
+def test_the_split_line_counts_only_what_it_drew_from_the_training_images(tmp_path, caplog):
+    # with a Validation folder it said "30 training images split: train 24, val 10, test 6" (a new user's trial)
+    root = write_isic_layout(tmp_path / "valfolder", with_val=True, with_test=False)
+    with caplog.at_level(logging.INFO):
+        split = _dm(root, test_fraction=0.25).splits()
+    line = next(r.getMessage() for r in caplog.records if "training images split" in r.getMessage())
+    train, test = len(split["train"]), len(split["test"])
+    assert line.endswith(f"{train + test} training images split (seed 42): train {train}, test {test} images"), line
+    assert split["val"] and test
+
+
 def test_cross_validation_folds_hold_out_every_training_image_once(isic_root, tmp_path):
     root = write_isic_layout(tmp_path / "notest", with_val=False, with_test=False)
     tested: list[str] = []
@@ -257,7 +268,8 @@ def test_smpnet_loads_encoder_weights_from_a_local_file(tmp_path):
         SMPNet("DeepLabV3Plus", "resnet18", encoder_weights=str(unrelated))
     partial = tmp_path / "partial.pth"  # e.g. the weights of a shallower encoder
     torch.save({k: v for k, v in source.items() if not k.startswith("layer4")}, partial)
-    with pytest.raises(ValueError, match="partial.pth.*not in the file"):
+    # the message says what to do: a file of this encoder, or the encoder_name of the file's
+    with pytest.raises(ConfigError, match=r"partial.pth.*not in the file.*of this one \(resnet18\), or set "):
         SMPNet("DeepLabV3Plus", "resnet18", encoder_weights=str(partial))
     with pytest.raises(ConfigError, match=r"missing.pth .*set --model.init_args.net.init_args.encoder_weights"):
         SMPNet("DeepLabV3Plus", "resnet18", encoder_weights=str(tmp_path / "missing.pth"))

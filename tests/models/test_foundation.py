@@ -105,7 +105,7 @@ def test_mirage_named_checkpoint_loads_into_the_timm_encoder(tmp_path, caplog):
     # Same tokens as the source ViT: blocks, patch embedding, (1, D, h, w) grid order and global token.
     torch.testing.assert_close(net.encoder.forward_features(x), source.forward_features(x))
     # an encoder tensor the file lacks stays random: that is warned
-    block = next(k for k in sd if ".blocks." in k)
+    block = "module.encoder.0.attn.qkv.weight"
     torch.save({"model": {k: v for k, v in sd.items() if k != block}}, path)
     with pytest.warns(UserWarning, match="1 encoder tensors keep their initial values"):
         FoundationSegNet("tiny", num_classes=2, weights=str(path), decoder_channels=8)
