@@ -8,6 +8,7 @@ import pytest
 from lightning.pytorch.callbacks import Timer
 from torch import nn
 
+from octlightning.errors import ConfigError
 from octlightning.tasks.segmentation import SegmentationTask
 
 
@@ -60,5 +61,6 @@ def test_a_time_budget_run_decays_the_learning_rate_with_the_trainers_clock(monk
 def test_a_schedule_without_a_training_length_is_an_error():
     task = _task()
     task._trainer = _trainer(float("inf"), [])
-    with pytest.raises(ValueError, match="max_epochs, max_steps or max_time"):
+    length = "needs a training length: --trainer.max_epochs, --trainer.max_steps or --trainer.max_time"
+    with pytest.raises(ConfigError, match=length):
         task.schedule_span()
