@@ -28,6 +28,18 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus // local_procs - 1))
 
 
+def image_size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` in pixels from an int (square) or a ``[height, width]`` pair.
+
+    Raises:
+        ConfigError: not one int or two, or a side below 1 (naming ``--data.init_args.image_size``).
+    """
+    size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"--data.init_args.image_size must be an int or [height, width] >= 1, got {image_size}")
+    return int(size[0]), int(size[1])
+
+
 def require_fold(num_folds: int, fold: int) -> None:
     """Raise :class:`ConfigError` unless ``num_folds`` is 0 (no cross-validation) or >= 2 with ``fold`` in
     ``[0, num_folds)``."""

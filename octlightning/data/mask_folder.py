@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
+from octlightning.data.base import BaseDataModule, SampleCache, cached, image_size_pair, split_indices
 from octlightning.data.io import (
     check_pairs,
     list_images,
@@ -285,10 +285,7 @@ class MaskFolderDataModule(BaseDataModule):
         self.test_dirs = (test_image_dir, test_mask_dir)
         self.image_glob = image_glob
         self.mask_pattern = mask_pattern
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or min(size) < 1:
-            raise ConfigError(f"--data.init_args.image_size must be an int or [height, width] >= 1, got {image_size}")
-        self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self.image_size: tuple[int, int] = image_size_pair(image_size)
         self.augment = augment
         self.mask_threshold = mask_threshold
         self._split: dict[str, list[MaskPair]] | None = None

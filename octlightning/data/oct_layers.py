@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from octlightning.data.base import BaseDataModule, SampleCache, cached, split_indices
+from octlightning.data.base import BaseDataModule, SampleCache, cached, image_size_pair, split_indices
 from octlightning.data.coords import interpolate_gaps, resample_columns, rescale_rows
 from octlightning.data.formats.layer_h5 import (
     IMAGE_AXES,
@@ -259,10 +259,7 @@ class OCTLayerDataModule(BaseDataModule):
         self.save_hyperparameters(ignore=["boundary_names"])  # logged by the task, which gets them from here
         if nan_policy not in ("mask", "interpolate"):
             raise ValueError(f"nan_policy must be 'mask' or 'interpolate', not {nan_policy!r}")
-        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
-        if len(size) != 2 or min(size) < 1:
-            raise ConfigError(f"--data.init_args.image_size must be an int or [height, width] >= 1, got {image_size}")
-        self.image_size = (int(size[0]), int(size[1]))
+        self.image_size = image_size_pair(image_size)
         self.layer_indices = layer_indices
         self.output_width = output_width
         self._boundary_names = boundary_names
